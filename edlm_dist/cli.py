@@ -1,0 +1,101 @@
+"""The ``edlm`` command: prepare-data, train, sample, eval, pipeline, export-hf.
+
+Each subcommand parses its arguments, loads and validates the config up front, then hands over
+to the module that does the work. Any :class:`EdlmError` is printed as one line
+(``error: ...``) with exit status 2 — users never see a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+from edlm_dist.errors import EdlmError
+
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    # name: (help, "module:function" that takes the parsed args)
+    "prepare-data": ("tokenize a corpus (or generate the synthetic language) into WebDataset shards + manifest.json",
+                     "edlm_dist.data.prepare:cli_main"),
+    "train": ("train an MDLM diffusion model, an AR model or an NCE energy model (DeepSpeed ZeRO + Megatron TP)",
+              "edlm_dist.training.cli:cli_main"),
+    "sample": ("sample with MDLM (ddpm / ddpm_cache) or EDLM importance sampling (AR, coAR, NCE, oracle energies)",
+               "edlm_dist.sampling.cli:cli_main"),
+    "eval": ("likelihood bounds, generative perplexity and entropy; writes metrics.json and a Markdown table",
+             "edlm_dist.evaluation.cli:cli_main"),
+    "pipeline": ("the whole EDLM story end to end: data, MDLM/AR/NCE training, sampling, evaluation, report",
+                 "edlm_dist.launch.pipeline:cli_main"),
+    "export-hf": ("export a checkpoint to a Hugging Face folder (safetensors + config + tokenizer)",
+                  "edlm_dist.launch.export:cli_main"),
+}
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    parser.add_argument("config", nargs=None if config_required else "?", help="YAML config file (e.g. configs/demo.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 parallel.tp=2")
+    parser.add_argument("--out", required=True, help="output directory (created; a run resumes from it if it holds a checkpoint)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edlm",
+        description="edlm-dist: Energy-Based Diffusion Language Models at cluster scale.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "prepare-data":
+            p.add_argument("--source", required=True, choices=["synthetic", "text", "jsonl", "hf", "text8"])
+            p.add_argument("--input", help="input file or folder (text, jsonl, text8, or a saved HF dataset)")
+            p.add_argument("--config", dest="config", default=None, help="optional YAML config (data section is used)")
+            p.add_argument("--seq-len", type=int, default=None, help="row length L (default: data.seq_len)")
+            p.add_argument("--tokenizer", default=None, help="gpt2 | char | synthetic | a local GPT-2 tokenizer folder")
+            p.add_argument("--no-wrap", action="store_true", help="one document per row instead of MDLM wrapping")
+            p.add_argument("--shard-rows", type=int, default=None, help="rows per .tar shard")
+            p.add_argument("--seed", type=int, default=None)
+            p.add_argument("--text-field", default="text", help="jsonl/hf field holding the text")
+            p.add_argument("--hf-name", default=None, help="HF dataset name (online) for --source hf")
+            p.add_argument("--valid-docs", type=int, default=None, help="hf: last N documents form validation (OWT: 100000)")
+            p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
+            p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
+        elif name == "export-hf":
+            p.add_argument("checkpoint", help="a run directory or checkpoint directory written by `edlm train`")
+            p.add_argument("--out", required=True, help="output folder for the Hugging Face export")
+            p.add_argument("--use-ema", action="store_true", default=True, help="export EMA weights (default)")
+            p.add_argument("--no-ema", dest="use_ema", action="store_false", help="export the raw weights")
+        else:
+            _add_run_arguments(p)
+    return parser
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int | None]:
+    module_name, func_name = target.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.startswith("edlm_dist"):
+            raise EdlmError(f"this subcommand is not implemented yet ({module_name} is missing)") from None
+        raise
+    return getattr(module, func_name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        result = _resolve(SUBCOMMANDS[args.command][1])(args)
+    except EdlmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Errors that carry a one-line message naming the problem and the fix.
+
+The CLI prints ``error: <message>`` for any :class:`EdlmError` and exits with status 2,
+so users never see a traceback from deep inside for bad input.
+"""
+
+
+class EdlmError(Exception):
+    """Base class: a user-facing failure with a clear one-line message."""
+
+
+class ConfigError(EdlmError):
+    """Invalid configuration or command-line override."""
+
+
+class DataError(EdlmError):
+    """Missing, corrupt or mismatching data (shards, manifest, input files, tokenizer files)."""
+
+
+class CheckpointError(EdlmError):
+    """A checkpoint that cannot be written or does not match the run."""
+
+
+class SamplingError(EdlmError):
+    """Invalid sampling settings or numerically invalid sampling state (NaN energies)."""
+
+
+class TrainingError(EdlmError):
+    """A training run that must stop (NaN/Inf loss, dead peer)."""

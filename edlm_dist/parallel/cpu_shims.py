@@ -1,0 +1,90 @@
+"""The small shims Megatron-core 0.16 needs when CUDA is absent (STACK_NOTES "Megatron-core on CPU").
+
+They are applied only when ``torch.cuda.is_available()`` is false, and only once:
+
+1. ``torch.cuda.current_device`` returns the CPU device, because several tensor-parallel code
+   paths allocate buffers with ``device=torch.cuda.current_device()`` (``gather_output=True``,
+   sequence-parallel buffers).
+2. Megatron's RNG tracker saves and restores CUDA generator state; on CPU it must fork the CPU
+   generator instead, so TP-region dropout gets its own stream and activation recompute is exact.
+3. ``get_default_causal_mask`` hard-codes ``device="cuda"``; we rebuild it on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_APPLIED = False
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def apply_cpu_shims() -> bool:
+    """Install the shims if CUDA is absent. Returns True when they are (or were) applied."""
+    global _APPLIED
+    if cuda_available():
+        return False
+    if _APPLIED:
+        return True
+    from megatron.core.tensor_parallel import random as mp_random
+    from megatron.core.transformer import utils as mp_utils
+
+    torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
+
+    mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
+    mp_random._set_cuda_rng_state = lambda state, *args, **kwargs: torch.set_rng_state(state)
+    mp_random.CudaRNGStatesTracker = CpuRNGStatesTracker  # picked up by initialize_rng_tracker
+
+    @functools.lru_cache
+    def cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    mp_utils.get_default_causal_mask = cpu_causal_mask
+    try:
+        from megatron.core.fusions import fused_softmax
+
+        fused_softmax.get_default_causal_mask = cpu_causal_mask
+    except ImportError:  # fusions are optional in some builds
+        pass
+    _APPLIED = True
+    return True
+
+
+def _tracker_base():
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    return CudaRNGStatesTracker
+
+
+class CpuRNGStatesTracker(_tracker_base()):  # type: ignore[misc]
+    """Megatron's RNG tracker with named states kept as CPU generator states."""
+
+    def __init__(self, use_cudagraphable_rng: bool = False, is_inference_rng_tracker: bool = False):
+        super().__init__(use_cudagraphable_rng=False, is_inference_rng_tracker=is_inference_rng_tracker)
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        generator = torch.Generator().manual_seed(seed)
+        self.states_[name] = generator.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        outer = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)

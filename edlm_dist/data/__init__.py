@@ -1,0 +1,1 @@
+"""Data layer: tokenizers, the exact-oracle synthetic language, shards and loaders."""

@@ -17,7 +17,7 @@ from edlm_dist.errors import EdlmError
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: (help, "module:function" that takes the parsed args)
     "prepare-data": ("tokenize a corpus (or generate the synthetic language) into WebDataset shards + manifest.json",
-                     "edlm_dist.data.prepare:cli_main"),
+                     "edlm_dist.data.cli:cli_main"),
     "train": ("train an MDLM diffusion model, an AR model or an NCE energy model (DeepSpeed ZeRO + Megatron TP)",
               "edlm_dist.training.cli:cli_main"),
     "sample": ("sample with MDLM (ddpm / ddpm_cache) or EDLM importance sampling (AR, coAR, NCE, oracle energies)",
@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--seed", type=int, default=None)
             p.add_argument("--text-field", default="text", help="jsonl/hf field holding the text")
             p.add_argument("--hf-name", default=None, help="HF dataset name (online) for --source hf")
-            p.add_argument("--valid-docs", type=int, default=None, help="hf: last N documents form validation (OWT: 100000)")
+            p.add_argument("--valid-docs", type=int, default=None, help="last N documents form validation (OWT: 100000)")
+            p.add_argument("--hf-split", default="train", help="hf: the split to read documents from")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing prepared folder")
             p.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
             p.add_argument("--out", required=True, help="output directory for shards and manifest.json")
         elif name == "export-hf":

@@ -1,0 +1,34 @@
+"""``edlm prepare-data --source ... --out DIR``: flags win over the optional config's data section."""
+
+from __future__ import annotations
+
+import argparse
+
+from edlm_dist.config.load import load_config
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    from edlm_dist.data.prepare import prepare_data
+
+    cfg = load_config(args.config, args.overrides or [])
+    data = cfg.data
+    manifest = prepare_data(
+        args.source,
+        args.out,
+        seq_len=args.seq_len or data.seq_len,
+        tokenizer_spec=args.tokenizer or ("synthetic" if args.source == "synthetic" else data.tokenizer),
+        wrap=False if args.no_wrap else None,
+        shard_rows=args.shard_rows or data.shard_rows,
+        seed=data.seed if args.seed is None else args.seed,
+        input_path=args.input,
+        valid_docs=args.valid_docs,
+        synthetic_cfg=data.synthetic,
+        text_field=args.text_field,
+        hf_name=args.hf_name,
+        hf_split=args.hf_split,
+        overwrite=args.overwrite,
+        progress=cfg.logging.progress,
+    )
+    rows = {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
+    print(f"prepared {args.source} data in {args.out}: " + ", ".join(f"{k} {v} rows" for k, v in rows.items()))
+    return 0

@@ -1,0 +1,145 @@
+"""Model construction from config, analytical parameter counts, FLOPs per token and memory estimates.
+
+``count_parameters`` reproduces spec §2.3 / §6.2 exactly (small DiT 169,627,218; small AR
+162,246,482; small energy 133,341,184 trainable). The counts are for the unpadded vocabulary and
+do not depend on the TP degree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from edlm_dist.config.schema import ModelConfig
+from edlm_dist.errors import ConfigError
+from edlm_dist.models.ar import ARTransformer
+from edlm_dist.models.dit import DiT
+from edlm_dist.models.energy import EnergyModel
+from edlm_dist.models.layers import padded_vocab_size
+
+MODEL_KINDS = {"dit": DiT, "ar": ARTransformer, "energy": EnergyModel}
+FREQUENCY_FEATURES = 256  # sinusoidal features of the sigma embedding
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in MODEL_KINDS:
+        raise ConfigError(f"model kind '{kind}' is unknown; use one of {sorted(MODEL_KINDS)}")
+
+
+def build_model(kind: str, model_cfg: ModelConfig, vocab_size: int, length: int, *,
+                device: Optional[torch.device | str] = None, meta: bool = False) -> nn.Module:
+    """Construct ``kind`` for the current TP group (or dense when none); the caller seeds the RNG.
+
+    ``meta=True`` allocates nothing (shapes only): for counting and memory planning.
+    """
+    _check_kind(kind)
+    if vocab_size < 2 or length < 1:
+        raise ConfigError(f"vocab_size={vocab_size} and length={length} must be >= 2 and >= 1; check data.vocab_size")
+    ctx = torch.device("meta") if meta else contextlib.nullcontext()
+    with ctx:
+        model = MODEL_KINDS[kind](model_cfg, vocab_size, length, init=not meta)
+    if device is not None and not meta:
+        model = model.to(device)  # Module._apply keeps the Parameter objects and their TP attributes
+    return model
+
+
+def parameter_split(model_cfg: ModelConfig, vocab_size: int, kind: str) -> dict[str, int]:
+    """Full-model parameter counts split into TP-sharded, replicated and per-sequence ones.
+
+    ``per_sequence`` counts the replicated parameters that act once per sequence rather than per
+    token (sigma-MLP, adaLN, energy head); they are left out of the FLOP count.
+    """
+    _check_kind(kind)
+    h, c, r, n, v = model_cfg.hidden_size, model_cfg.cond_dim, model_cfg.mlp_ratio, model_cfg.n_blocks, vocab_size
+    sigma_mlp = FREQUENCY_FEATURES * c + c + c * c + c
+    block_sharded = 3 * h * h + h * h + (r * h * h + r * h) + r * h * h  # qkv, attn_out, mlp_in(+bias), mlp_out
+    block_replicated = h + 2 * h  # mlp_out bias, two LayerNorm weights
+    ada_block, ada_final = c * 6 * h + 6 * h, c * 2 * h + 2 * h
+    sharded = v * h + n * block_sharded  # input embedding + blocks
+    replicated = n * block_replicated
+    per_sequence = 0
+    if kind in ("dit", "energy"):
+        per_sequence += sigma_mlp + n * ada_block + ada_final
+    if kind in ("dit", "ar"):
+        sharded += h * v + v  # output projection over the vocabulary
+        replicated += h  # final LayerNorm
+    if kind == "energy":
+        replicated += (2 * h * h + h) + (h + h * h + h)  # vocab_proj; final LN + Linear(H→H)
+        per_sequence += (h * h + h) + h  # head Linear(H→H) -> ReLU -> Linear(H→1, no bias)
+    return {"sharded": sharded, "replicated": replicated, "per_sequence": per_sequence,
+            "embedding": v * h}
+
+
+def count_parameters(model_cfg: ModelConfig, vocab_size: int, kind: str) -> int:
+    """Analytical full-model (trainable) parameter count; equals the numel of a TP=1 model."""
+    split = parameter_split(model_cfg, vocab_size, kind)
+    return split["sharded"] + split["replicated"] + split["per_sequence"]
+
+
+def flops_per_token(model_cfg: ModelConfig, vocab_size: int, length: int, kind: str) -> float:
+    """Training FLOPs per token, fwd+bwd: 6·N_token + 12·n_blocks·H·L (PaLM / nanoGPT convention).
+
+    N_token excludes the embedding lookup and the per-sequence parameters (sigma-MLP, adaLN,
+    energy head). The attention term counts QKᵀ and AV for the full L×L matrix; causal attention
+    is not halved (the usual MFU convention).
+    """
+    split = parameter_split(model_cfg, vocab_size, kind)
+    n_token = split["sharded"] + split["replicated"] - split["embedding"]
+    return 6.0 * n_token + 12.0 * model_cfg.n_blocks * model_cfg.hidden_size * length
+
+
+def _resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ConfigError(f"precision '{precision}' is not supported; use fp32, bf16 or auto")
+    return precision
+
+
+def estimate_memory(model_cfg: ModelConfig, vocab_size: int, length: int, micro_batch: int, zero_stage: int,
+                    dp: int, tp: int, precision: str, *, kind: str = "dit") -> dict[str, int]:
+    """Rough per-GPU bytes: params, grads, Adam states (by ZeRO stage), activations (+ frozen p_θ for NCE).
+
+    bf16 follows DeepSpeed's bf16 mode: 2-byte params and grads, fp32 master + m + v (12 B/param).
+    fp32: 4-byte params and grads, m + v (8 B/param). ZeRO-1 splits the optimizer states over dp,
+    ZeRO-2 also the grads, ZeRO-3 also the params. Activations per block follow Korthikanti et
+    al. (2022) without sequence parallelism and with flash attention (no L×L scores):
+    L·B·H·(10 + 24/tp) bytes at 16 bits (doubled in fp32); with activation checkpointing only the
+    block inputs are kept plus one block's working set. Logits: fp32 (B, L, V/tp) and their grad.
+    """
+    if zero_stage not in (0, 1, 2, 3) or dp < 1 or tp < 1:
+        raise ConfigError(f"zero_stage={zero_stage}, dp={dp}, tp={tp}: need stage 0..3 and dp, tp >= 1")
+    precision = _resolve_precision(precision)
+    split = parameter_split(model_cfg, vocab_size, kind)
+    h, v_pad = model_cfg.hidden_size, padded_vocab_size(vocab_size, tp)
+    sharded = split["sharded"] + (v_pad - vocab_size) * h * (2 if kind != "energy" else 1)
+    local = sharded // tp + split["replicated"] + split["per_sequence"]
+    weight_bytes = 2 if precision == "bf16" else 4
+    params = local * weight_bytes
+    grads = local * weight_bytes
+    optimizer = local * (12 if precision == "bf16" else 8)
+    if zero_stage >= 1:
+        optimizer //= dp
+    if zero_stage >= 2:
+        grads //= dp
+    if zero_stage >= 3:
+        params //= dp
+    tokens = micro_batch * length
+    block = tokens * h * (10 + 24 / tp) * (weight_bytes / 2)
+    if model_cfg.activation_checkpointing:
+        activations = model_cfg.n_blocks * tokens * h * weight_bytes + block
+    else:
+        activations = model_cfg.n_blocks * block
+    if kind == "energy":
+        activations *= 2  # a positive and a negative pass per row
+    else:
+        activations += 2 * tokens * (v_pad // tp) * 4
+    out = {"params": int(params), "grads": int(grads), "optimizer": int(optimizer), "activations": int(activations)}
+    if kind == "energy":  # the frozen diffusion model p_θ lives next to the energy net
+        dit = parameter_split(model_cfg, vocab_size, "dit")
+        out["frozen_diffusion"] = int((dit["sharded"] // tp + dit["replicated"] + dit["per_sequence"]) * weight_bytes)
+    out["total"] = sum(out.values())
+    return out

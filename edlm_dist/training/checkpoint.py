@@ -1,0 +1,201 @@
+"""Atomic, resumable training checkpoints and consolidated weight exports.
+
+Layout under ``OUT/checkpoints``::
+
+    step_00000100/     DeepSpeed engine state (model, ZeRO optimizer shards, LR scheduler)
+                       + rank_00000.pt ... (RNG states, loader state, noise generator per rank)
+                       + ema_tp00.pt ...   (EMA shadow, one per TP rank)
+                       + meta.json         (format, step, config, model signature) -- written last
+    latest             the tag of the newest complete checkpoint (replaced atomically)
+
+Each save writes into ``.partial-step_...`` and is renamed only after every rank has finished,
+so a kill at any moment leaves ``latest`` pointing at a complete checkpoint. Consolidated
+weights for sampling/eval/export live in ``OUT/weights`` (safetensors, full TP-gathered tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from edlm_dist.config.load import config_from_dict, config_to_dict
+from edlm_dist.config.schema import RunConfig
+from edlm_dist.errors import CheckpointError
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+WEIGHTS_DIR = "weights"
+LATEST = "latest"
+
+
+def model_signature(cfg: RunConfig, kind: str, vocab_size: int) -> dict[str, Any]:
+    m = cfg.model
+    return {"kind": kind, "vocab_size": vocab_size, "seq_len": cfg.data.seq_len, "hidden_size": m.hidden_size,
+            "n_blocks": m.n_blocks, "n_heads": m.n_heads, "cond_dim": m.cond_dim, "mlp_ratio": m.mlp_ratio}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    try:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        state["megatron"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
+    except Exception:  # tracker not initialised: nothing TP-specific to restore
+        pass
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "megatron" in state:
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        get_cuda_rng_tracker().set_states(dict(state["megatron"]))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _all_ok(ok: bool) -> bool:
+    """True only if every rank succeeded (so all ranks agree on raising)."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0 if ok else 1])
+    dist.all_reduce(flag)
+    return flag.item() == 0
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
+    root = Path(out_dir) / CHECKPOINT_DIR
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    path = root / tag
+    if not (path / "meta.json").is_file():
+        raise CheckpointError(f"{pointer} names '{tag}' but {path}/meta.json is missing; "
+                              f"restore the folder or delete {pointer} to start over")
+    return path
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        return json.loads((path / "meta.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"checkpoint metadata {path}/meta.json is unreadable ({exc}); "
+                              "use an earlier checkpoint or a fresh --out") from None
+
+
+def check_compatible(meta: dict, signature: dict, path: Path) -> None:
+    version = int(meta.get("format_version", -1))
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this edlm-dist "
+                              f"supports ({FORMAT_VERSION}); upgrade edlm-dist to load it")
+    if version < 1:
+        raise CheckpointError(f"checkpoint {path} has no valid format version; it was not written by edlm-dist")
+    theirs = meta.get("signature", {})
+    diffs = [f"{k} {theirs.get(k)} vs {v}" for k, v in signature.items() if theirs.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"checkpoint {path} is for a different model ({'; '.join(diffs)} in the config); "
+                              "use a matching config or a fresh --out")
+
+
+def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunConfig, signature: dict,
+                    extras: dict[str, Any], ema_state: Optional[dict], tp_rank: int, dp_rank: int,
+                    keep_last: int) -> Path:
+    """Write a complete checkpoint for ``step`` on every rank; raise CheckpointError on failure."""
+    root = Path(out_dir) / CHECKPOINT_DIR
+    tag = f"step_{step:08d}"
+    partial_tag = f".partial-{tag}"
+    partial = root / partial_tag
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    error = None
+    try:
+        if rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            if partial.exists():
+                shutil.rmtree(partial)
+        _barrier()
+        engine.save_checkpoint(str(root), tag=partial_tag, save_latest=False)
+        torch.save({"rng": rng_state(), **extras}, partial / f"rank_{rank:05d}.pt")
+        if ema_state is not None and dp_rank == 0:
+            torch.save(ema_state, partial / f"ema_tp{tp_rank:02d}.pt")
+    except (OSError, RuntimeError) as exc:
+        error = exc
+    if not _all_ok(error is None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        previous = latest_checkpoint(out_dir)
+        reason = str(error).splitlines()[0] if error else "another rank failed to write"
+        raise CheckpointError(f"could not write checkpoint step {step} under {root} ({reason}); "
+                              f"the previous checkpoint ({previous.name if previous else 'none'}) is kept; "
+                              "free disk space or fix permissions, then re-run to resume")
+    final = root / tag
+    if rank == 0:
+        meta = {"format_version": FORMAT_VERSION, "step": step, "signature": signature, "config": config_to_dict(cfg),
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_atomic(root / LATEST, tag)
+        _prune(root, keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    for partial in root.glob(".partial-*"):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def load_checkpoint(engine, path: Path, *, signature: dict, tp_rank: int, dp_rank: int) -> tuple[dict, Optional[dict]]:
+    """Restore engine state; return (this rank's extras, EMA state or None)."""
+    meta = read_meta(path)
+    check_compatible(meta, signature, path)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if meta.get("world_size", world) != world:
+        raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}; "
+                              "resume with the same number of processes")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                              load_lr_scheduler_states=True)
+        extras = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)
+    except (OSError, RuntimeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint {path} could not be loaded ({str(exc).splitlines()[0]}); "
+                              "use an earlier checkpoint or a fresh --out") from None
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {path}; use an earlier checkpoint or a fresh --out")
+    ema_file = path / f"ema_tp{tp_rank:02d}.pt"
+    ema = torch.load(ema_file, weights_only=False) if ema_file.is_file() else None
+    return extras, ema
+
+
+def saved_config(path: Path) -> RunConfig:
+    return config_from_dict(read_meta(path)["config"])

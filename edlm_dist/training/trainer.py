@@ -1,0 +1,264 @@
+"""The training loop: one loop for MDLM, AR and NCE on DeepSpeed ZeRO over Megatron TP layers.
+
+``train(cfg, out_dir)`` validates the data against the config, builds the objective's model,
+the DeepSpeed engine, EMA and the resumable loader, resumes automatically from
+``OUT/checkpoints/latest``, and runs ``train.steps`` optimizer steps with gradient accumulation
+to the global batch. Every step the loss is checked for NaN/Inf on all ranks *before* the
+backward pass, so a bad step never touches the weights; the run stops naming the step and the
+last good checkpoint. At the end it writes consolidated weights (``OUT/weights``) for sampling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from edlm_dist.config.load import save_config
+from edlm_dist.config.schema import RunConfig
+from edlm_dist.errors import TrainingError
+from edlm_dist.parallel.engine import build_engine, resolve_precision
+from edlm_dist.parallel.runtime import ParallelContext, data_seed, init_parallel
+from edlm_dist.training import checkpoint as ckpt
+from edlm_dist.training.ema import EMA
+from edlm_dist.training.metrics_logger import MetricsLogger, console_logger
+from edlm_dist.training.objective_steps import Objective, build_objective
+from edlm_dist.training.weights import export_weights, weights_meta
+
+VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
+
+
+def load_data_description(cfg: RunConfig) -> dict:
+    """Check the shards against the config (before any model is built) and return the manifest."""
+    from edlm_dist.data.shards import validate_dataset
+
+    manifest = validate_dataset(cfg.data.dir, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size or None,
+                                check_contents=True)
+    return manifest
+
+
+def _autocast(precision: str, device: torch.device):
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _mean_over(value: torch.Tensor, group) -> float:
+    value = value.detach().float().reshape(1).clone()
+    if dist.is_initialized():
+        dist.all_reduce(value, group=group)
+        value /= dist.get_world_size(group)
+    return value.item()
+
+
+def _all_finite(value: torch.Tensor) -> bool:
+    flag = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0])
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    return flag.item() == 0.0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, out_dir: str | Path, ctx: Optional[ParallelContext] = None):
+        self.cfg = cfg
+        self.out = Path(out_dir)
+        self.ctx = ctx or init_parallel(cfg)
+        self.log = console_logger()
+        self.manifest = load_data_description(cfg)
+        tokenizer = self.manifest["tokenizer"]
+        self.tokenizer_info = tokenizer
+        self.vocab_size = int(self.manifest["vocab_size"])
+        self.mask_id = int(tokenizer["mask_id"])
+        self.precision = resolve_precision(cfg.train.precision)
+        if self.ctx.is_main:
+            save_config(cfg, self.out)
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, any TP degree
+        self.objective: Objective = build_objective(cfg, self.vocab_size, self.mask_id, self.ctx.tp_size,
+                                                    self.ctx.device)
+        self._log_plan()
+        self.engine, self.optimizer, self.scheduler = build_engine(self.objective.module, cfg, self.ctx.dp_size)
+        self.ema = EMA(list(self.engine.module.parameters()), cfg.train.ema)
+        self.loader = self._build_loader()
+        self.noise = torch.Generator().manual_seed(data_seed(cfg.train.seed, self.ctx))
+        self.step = 0
+        self._grad_norm = float("nan")
+        self.signature = ckpt.model_signature(cfg, self.objective.model_kind, self.vocab_size)
+        self.metrics = MetricsLogger(self.out, cfg.logging, enabled=self.ctx.is_main, name=cfg.train.objective)
+        self.accumulation = cfg.train.global_batch // (cfg.train.micro_batch * self.ctx.dp_size)
+
+    # ------------------------------------------------------------------ setup
+    def _build_loader(self):
+        from edlm_dist.data.loader import build_train_loader
+
+        d = self.cfg.data
+        return build_train_loader(d.dir, "train", micro_batch=self.cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,
+                                  dp_world=self.ctx.dp_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
+                                  num_workers=d.num_workers, manifest=self.manifest)
+
+    def _log_plan(self) -> None:
+        from edlm_dist.models.build import count_parameters, estimate_memory
+
+        if not self.ctx.is_main:
+            return
+        m, t = self.cfg.model, self.cfg.train
+        n_params = count_parameters(m, self.vocab_size, self.objective.model_kind)
+        memory = estimate_memory(m, self.vocab_size, self.cfg.data.seq_len, t.micro_batch, t.zero_stage,
+                                 self.ctx.dp_size, self.ctx.tp_size, self.precision, kind=self.objective.model_kind)
+        total = memory.get("total", sum(v for v in memory.values() if isinstance(v, (int, float))))
+        self.log.info("objective=%s model=%s params=%s tp=%d dp=%d zero=%d precision=%s est. memory/rank=%.1f MiB",
+                      t.objective, self.objective.model_kind, f"{n_params:,}", self.ctx.tp_size, self.ctx.dp_size,
+                      t.zero_stage, self.precision, total / 2**20)
+
+    def resume_if_possible(self) -> bool:
+        path = ckpt.latest_checkpoint(self.out)
+        if path is None:
+            return False
+        extras, ema_state = ckpt.load_checkpoint(self.engine, path, signature=self.signature,
+                                                 tp_rank=self.ctx.tp_rank, dp_rank=self.ctx.dp_rank)
+        self.step = int(extras["step"])
+        self.loader.load_state_dict(extras["loader"])
+        self.noise.set_state(extras["noise"])
+        if ema_state is not None:
+            self.ema.load_state_dict(ema_state)
+        ckpt.set_rng_state(extras["rng"])
+        self.log.info("resumed from %s (step %d)", path, self.step) if self.ctx.is_main else None
+        return True
+
+    def save(self) -> Path:
+        extras = {"step": self.step, "loader": self.loader.state_dict(), "noise": self.noise.get_state()}
+        return ckpt.save_checkpoint(self.engine, self.out, self.step, cfg=self.cfg, signature=self.signature,
+                                    extras=extras, ema_state=self.ema.state_dict() if self.ema.enabled else None,
+                                    tp_rank=self.ctx.tp_rank, dp_rank=self.ctx.dp_rank,
+                                    keep_last=self.cfg.train.keep_last)
+
+    # ------------------------------------------------------------------ loop
+    def _micro_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with _autocast(self.precision, self.ctx.device):
+            loss, stats = self.objective.loss(self.engine, batch.to(self.ctx.device), self.noise)
+        if not _all_finite(loss):
+            last = ckpt.latest_checkpoint(self.out)
+            raise TrainingError(f"loss is {loss.item()} at step {self.step + 1}; stopped before the update, "
+                                f"last good checkpoint: {last if last else 'none (no checkpoint written yet)'}; "
+                                "lower train.lr or check the data")
+        self.engine.backward(loss)
+        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+            from edlm_dist.models.layers import grad_norm
+
+            # DeepSpeed reports the global norm only for ZeRO >= 1; count replicated params once.
+            self._grad_norm = float(grad_norm(self.engine.module, self.ctx.tp_group))
+        self.engine.step()
+        return loss.detach(), stats
+
+    def train(self, stop_after: Optional[int] = None) -> dict:
+        """Run to ``train.steps`` (or ``stop_after`` more steps); return the last logged metrics."""
+        from tqdm import tqdm
+
+        cfg = self.cfg.train
+        self.resume_if_possible()
+        self.engine.train()
+        batches = iter(self.loader)
+        target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
+        bar = tqdm(total=target, initial=self.step, desc=f"train {cfg.objective}", unit="step",
+                   disable=not (self.ctx.is_main and self.cfg.logging.progress), dynamic_ncols=True)
+        tokens_per_step = cfg.global_batch * self.objective.tokens_per_row(self.cfg.data.seq_len)
+        last: dict = {}
+        tick = time.perf_counter()
+        while self.step < target:
+            losses = [self._micro_step(next(batches))[0] for _ in range(self.accumulation)]
+            self.step += 1
+            self._update_ema()
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == target:
+                elapsed = time.perf_counter() - tick
+                last = self._step_metrics(torch.stack(losses).mean(), elapsed, tokens_per_step)
+                self.metrics.log(last, self.step, console=False)
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+                tick = time.perf_counter()
+            if self.step % cfg.val_every == 0 or self.step == cfg.steps:
+                val = self.validate()
+                self.metrics.log({"val_loss": val}, self.step, console=False)
+                last["val_loss"] = val
+            if self.step % cfg.save_every == 0 or self.step == target:
+                self.save()
+        bar.close()
+        if self.step >= cfg.steps:
+            self.export()
+        return last
+
+    def _update_ema(self) -> None:
+        if not self.ema.enabled:
+            return
+        from edlm_dist.training.weights import _gathered
+
+        with _gathered(self.engine.module):
+            self.ema.update()
+
+    def _step_metrics(self, loss: torch.Tensor, elapsed: float, tokens_per_step: int) -> dict:
+        from edlm_dist.models.build import flops_per_token
+
+        steps = self.cfg.train.log_every if self.step % self.cfg.train.log_every == 0 else 1
+        seconds = elapsed / max(steps, 1)
+        tokens_per_s = tokens_per_step / seconds
+        flops = flops_per_token(self.cfg.model, self.vocab_size, self.cfg.data.seq_len, self.objective.model_kind)
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None or not isinstance(grad_norm, (int, float)) and not torch.is_tensor(grad_norm):
+            grad_norm = self._grad_norm
+        return {
+            "loss": _mean_over(loss, self.ctx.dp_group),
+            "lr": self.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens_per_s": tokens_per_s,
+            "achieved_tflops": tokens_per_s * flops / 1e12,
+            "step_seconds": seconds,
+        }
+
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Mean validation loss with EMA weights in eval mode, on fixed noise (does not touch training RNG)."""
+        from edlm_dist.data.loader import build_eval_loader
+
+        cfg = self.cfg
+        max_rows = cfg.train.val_batches * cfg.train.micro_batch * self.ctx.dp_size
+        loader = build_eval_loader(cfg.data.dir, "valid", micro_batch=cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,
+                                   dp_world=self.ctx.dp_size, max_rows=max_rows, manifest=self.manifest)
+        generator = torch.Generator().manual_seed(VALIDATION_SEED + self.ctx.dp_rank)
+        total = torch.zeros(2, dtype=torch.float64)
+        cpu_state = torch.get_rng_state()
+        self.engine.eval()
+        try:
+            with self.ema.swap_in():
+                for batch in loader:
+                    with _autocast(self.precision, self.ctx.device):
+                        loss, _ = self.objective.loss(self.engine.module, batch.to(self.ctx.device), generator)
+                    total += torch.tensor([loss.item() * batch.shape[0], batch.shape[0]], dtype=torch.float64)
+        finally:
+            self.engine.train()
+            torch.set_rng_state(cpu_state)
+        if dist.is_initialized():
+            dist.all_reduce(total, group=self.ctx.dp_group)
+        return (total[0] / total[1].clamp(min=1)).item()
+
+    def export(self) -> Path:
+        meta = weights_meta(self.cfg, kind=self.objective.model_kind, vocab_size=self.vocab_size, step=self.step,
+                            tokenizer=self.tokenizer_info, extra={"data_dir": str(self.cfg.data.dir)})
+        shadow = self.ema.shadow if self.ema.enabled else None
+        write = self.ctx.tp_rank == 0 and self.ctx.dp_rank == 0
+        path = export_weights(self.engine.module, self.out, ema_shadow=shadow, meta=meta, write=write)
+        if dist.is_initialized():
+            dist.barrier()
+        return path
+
+    def close(self) -> None:
+        self.metrics.close()
+
+
+def train(cfg: RunConfig, out_dir: str | Path, ctx: Optional[ParallelContext] = None) -> dict:
+    trainer = Trainer(cfg, out_dir, ctx)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

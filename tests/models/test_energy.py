@@ -1,0 +1,116 @@
+"""EDLM energy network (spec §6.2): zero at init, wiring of x_t/x_0, pooling and head, init from a DiT."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from edlm_dist.config.schema import ModelConfig
+from edlm_dist.errors import CheckpointError
+from edlm_dist.models.build import build_model
+from edlm_dist.models.layers import full_state_dict, load_full_state_dict
+
+V, L, B = 37, 8, 3
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(**{"hidden_size": 32, "n_blocks": 2, "n_heads": 4, "cond_dim": 16, "dropout": 0.0, **kw})
+
+
+def randomised(kind: str, cfg: ModelConfig, seed: int = 0):
+    """A model whose zero-initialised layers (final layer, head) hold random values too."""
+    torch.manual_seed(seed)
+    model = build_model(kind, cfg, V, L)
+    g = torch.Generator().manual_seed(seed + 1)
+    state = {k: (torch.randn(v.shape, generator=g) * (0.6 / math.sqrt(v.shape[-1])) if v.dim() == 2
+                 else 1.0 + 0.2 * torch.randn(v.shape, generator=g) if "norm" in k
+                 else 0.2 * torch.randn(v.shape, generator=g)) for k, v in full_state_dict(model).items()}
+    load_full_state_dict(model, state)
+    return model
+
+
+def tokens(seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+
+
+def test_energy_is_exactly_zero_at_init_but_gets_a_gradient():
+    torch.manual_seed(0)
+    energy = build_model("energy", tiny(), V, L)
+    e = energy(tokens(1), tokens(2))
+    assert e.shape == (B,) and e.dtype == torch.float32
+    assert torch.equal(e, torch.zeros(B))
+    e.sum().backward()
+    # Training can start: the head's zero last layer sees ReLU(b1) != 0.
+    assert energy.energy_head[2].weight.grad.abs().sum() > 0
+
+
+def test_energy_matches_explicit_composition():
+    """vocab_proj([Emb(x_t); Emb(x_0)]) -> blocks -> adaLN final layer -> mean over L -> MLP head."""
+    cfg = tiny()
+    energy = randomised("energy", cfg)
+    x_t, x0 = tokens(1), tokens(2)
+    p = dict(energy.named_parameters())
+    emb = p["vocab_embed.weight"]
+    h = torch.cat([emb[x_t], emb[x0]], -1) @ p["vocab_proj.weight"].T + p["vocab_proj.bias"]
+    sig_hidden = F.silu(energy.sigma_map.sinusoid(torch.zeros(B), 256) @ p["sigma_map.mlp.0.weight"].T
+                        + p["sigma_map.mlp.0.bias"])
+    c = F.silu(sig_hidden @ p["sigma_map.mlp.2.weight"].T + p["sigma_map.mlp.2.bias"])
+    cos, sin = energy.rotary.cos_sin(L, h.device)
+    for block in energy.blocks:
+        h = block(h, cos, sin, c)
+    shift, scale = (c @ p["output_layer.adaLN_modulation.weight"].T + p["output_layer.adaLN_modulation.bias"])[:, None].chunk(2, -1)
+    h = F.layer_norm(h, (32,), eps=1e-5) * p["output_layer.norm_final.weight"] * (1 + scale) + shift
+    h = h @ p["output_layer.linear.weight"].T + p["output_layer.linear.bias"]
+    pooled = h.mean(dim=1)
+    expected = F.relu(pooled @ p["energy_head.0.weight"].T + p["energy_head.0.bias"]) @ p["energy_head.2.weight"].T
+    assert torch.allclose(energy(x_t, x0), expected.squeeze(-1), atol=1e-5, rtol=1e-5)
+
+
+def test_energy_depends_on_both_inputs_and_every_position():
+    energy = randomised("energy", tiny())
+    x_t, x0 = tokens(1), tokens(2)
+    base = energy(x_t, x0)
+    for which in ("x_t", "x0"):
+        for pos in (0, L - 1):
+            a, b = x_t.clone(), x0.clone()
+            target = a if which == "x_t" else b
+            target[:, pos] = (target[:, pos] + 1) % V
+            assert not torch.allclose(energy(a, b), base), (which, pos)
+
+
+def test_init_from_diffusion_copies_the_trunk_only():
+    dit = randomised("dit", tiny(), seed=3)
+    torch.manual_seed(4)
+    energy = build_model("energy", tiny(), V, L)
+    before = {n: p.clone() for n, p in energy.named_parameters()}
+    energy.init_from_diffusion(dit.state_dict())
+    theirs = dict(dit.named_parameters())
+    trunk = [n for n, _ in energy.named_parameters() if n.startswith(("vocab_embed.", "sigma_map.", "blocks."))]
+    assert len(trunk) == 1 + 4 + 2 * 10  # embedding, sigma MLP, 10 tensors per block
+    for name, param in energy.named_parameters():
+        if name in trunk:
+            assert torch.equal(param, theirs[name]), name
+        else:
+            assert torch.equal(param, before[name]), name
+    # The energy is still exactly zero: its own final layer is new and zero-initialised.
+    assert torch.equal(energy(tokens(1), tokens(2)), torch.zeros(B))
+
+
+def test_init_from_diffusion_rejects_mismatched_checkpoints():
+    energy = build_model("energy", tiny(), V, L)
+    state = randomised("dit", tiny()).state_dict()
+    del state["blocks.1.attn_qkv.weight"]
+    with pytest.raises(CheckpointError, match="lacks 'blocks.1.attn_qkv.weight'"):
+        energy.init_from_diffusion(state)
+    other_vocab = build_model("dit", tiny(), V + 5, L).state_dict()
+    with pytest.raises(CheckpointError, match="vocab_embed.weight"):
+        energy.init_from_diffusion(other_vocab)
+
+
+def test_energy_rejects_mismatched_shapes():
+    energy = build_model("energy", tiny(), V, L)
+    with pytest.raises(ValueError, match="same shape"):
+        energy(tokens(1), tokens(2)[:, :4])

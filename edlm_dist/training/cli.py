@@ -13,10 +13,18 @@ def cli_main(args: argparse.Namespace) -> int:
     if not cfg.data.dir:
         raise ConfigError("data.dir is empty; run `edlm prepare-data --source synthetic --out DATA` and pass data.dir=DATA")
     from edlm_dist.parallel.runtime import shutdown_parallel
-    from edlm_dist.training.trainer import train
+    from edlm_dist.training.trainer import REQUEUE_EXIT_CODE, Preempted, Trainer
 
+    trainer = None
     try:
-        train(cfg, args.out)
+        trainer = Trainer(cfg, args.out)
+        trainer.install_signal_handlers()
+        trainer.train()
+    except Preempted as exc:
+        print(f"edlm train: {exc}; exiting with {REQUEUE_EXIT_CODE} so the launcher requeues the job")
+        return REQUEUE_EXIT_CODE
     finally:
+        if trainer is not None:
+            trainer.close()
         shutdown_parallel()
     return 0

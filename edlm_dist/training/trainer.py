@@ -11,6 +11,7 @@ last good checkpoint. At the end it writes consolidated weights (``OUT/weights``
 from __future__ import annotations
 
 import contextlib
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,6 +31,16 @@ from edlm_dist.training.objective_steps import Objective, build_objective
 from edlm_dist.training.weights import export_weights, weights_meta
 
 VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
+REQUEUE_EXIT_CODE = 3  # `edlm train` exits with this after a preemption checkpoint: "requeue me"
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preemption / time limit
+
+
+class Preempted(Exception):
+    """A preemption signal arrived; a checkpoint of the last completed step was written."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"preempted by signal {signal.Signals(signum).name} at step {step}; checkpoint written")
+        self.step, self.signum = step, signum
 
 
 def load_data_description(cfg: RunConfig) -> dict:
@@ -85,6 +96,7 @@ class Trainer:
         self.loader = self._build_loader()
         self.noise = torch.Generator().manual_seed(data_seed(cfg.train.seed, self.ctx))
         self.step = 0
+        self._stop_signal = 0
         self._grad_norm = float("nan")
         self.signature = ckpt.model_signature(cfg, self.objective.model_kind, self.vocab_size)
         self.metrics = MetricsLogger(self.out, cfg.logging, enabled=self.ctx.is_main, name=cfg.train.objective)
@@ -135,6 +147,22 @@ class Trainer:
                                     tp_rank=self.ctx.tp_rank, dp_rank=self.ctx.dp_rank,
                                     keep_last=self.cfg.train.keep_last)
 
+    # ------------------------------------------------------------------ preemption
+    def install_signal_handlers(self) -> None:
+        """Record SIGTERM/SIGUSR1; the loop checkpoints after the current step and stops (never mid-step)."""
+
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        for sig in PREEMPTION_SIGNALS:
+            signal.signal(sig, handler)
+
+    def _preemption_requested(self) -> int:
+        flag = torch.tensor([float(self._stop_signal)])
+        if dist.is_initialized():  # all ranks stop at the same step even if only one got the signal
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())
+
     # ------------------------------------------------------------------ loop
     def _micro_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         with _autocast(self.precision, self.ctx.device):
@@ -182,8 +210,12 @@ class Trainer:
                 val = self.validate()
                 self.metrics.log({"val_loss": val}, self.step, console=False)
                 last["val_loss"] = val
-            if self.step % cfg.save_every == 0 or self.step == target:
+            signum = self._preemption_requested()
+            if self.step % cfg.save_every == 0 or self.step == target or signum:
                 self.save()
+            if signum:
+                bar.close()
+                raise Preempted(self.step, signum)
         bar.close()
         if self.step >= cfg.steps:
             self.export()

@@ -75,3 +75,21 @@ def test_sigkill_then_resume_is_bit_exact(synthetic_data, tmp_path, objective):
         assert loss == expected[step], f"step {step}: {loss!r} != uninterrupted {expected[step]!r}"
     assert {step for step, _ in logged} == set(expected)
     assert len(logged) > STEPS, "some steps after the checkpoint must have been re-run after the kill"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_checkpoints_and_exits_with_requeue_code(synthetic_data, tmp_path, signum):
+    from edlm_dist.training.trainer import REQUEUE_EXIT_CODE
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "run"
+    command = _command(synthetic_data, out) + ["train.save_every=1000", "train.steps=400"]
+    proc = subprocess.Popen(command, cwd=repo, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not ((out / "metrics.jsonl").exists() and _losses(out)):
+        time.sleep(0.05)
+    os.kill(proc.pid, signum)
+    assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    stopped_at = int(latest.split("_")[1])
+    assert 1 <= stopped_at < 400 and max(_losses(out)) == stopped_at

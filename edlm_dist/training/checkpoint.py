@@ -144,7 +144,19 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
             torch.save(ema_state, partial / f"ema_tp{tp_rank:02d}.pt")
     except (OSError, RuntimeError) as exc:
         error = exc
-    if not _all_ok(error is None):
+    final = root / tag
+    if _all_ok(error is None) and rank == 0:
+        try:  # the last writes can fail too (disk full at meta.json): same clear error, same cleanup
+            meta = {"format_version": FORMAT_VERSION, "step": step, "signature": signature,
+                    "config": config_to_dict(cfg), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
+            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _write_atomic(root / LATEST, tag)
+        except OSError as exc:
+            error = exc
+    if not _all_ok(error is None):  # every rank raises together
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         previous = latest_checkpoint(out_dir)
@@ -152,15 +164,7 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
         raise CheckpointError(f"could not write checkpoint step {step} under {root} ({reason}); "
                               f"the previous checkpoint ({previous.name if previous else 'none'}) is kept; "
                               "free disk space or fix permissions, then re-run to resume")
-    final = root / tag
     if rank == 0:
-        meta = {"format_version": FORMAT_VERSION, "step": step, "signature": signature, "config": config_to_dict(cfg),
-                "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-        (partial / "meta.json").write_text(json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _write_atomic(root / LATEST, tag)
         _prune(root, keep_last)
     _barrier()
     return final

@@ -85,8 +85,6 @@ class Trainer:
         self.vocab_size = int(self.manifest["vocab_size"])
         self.mask_id = int(tokenizer["mask_id"])
         self.precision = resolve_precision(cfg.train.precision)
-        if self.ctx.is_main:
-            save_config(cfg, self.out)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, any TP degree
         self.objective: Objective = build_objective(cfg, self.vocab_size, self.mask_id, self.ctx.tp_size,
                                                     self.ctx.device)
@@ -182,11 +180,32 @@ class Trainer:
         return loss.detach(), stats
 
     def train(self, stop_after: Optional[int] = None) -> dict:
-        """Run to ``train.steps`` (or ``stop_after`` more steps); return the last logged metrics."""
+        """Run to ``train.steps`` (or ``stop_after`` more steps); return the last logged metrics.
+
+        A collective that fails because a peer died or stalled past ``parallel.timeout_s`` (gloo
+        and NCCL raise a plain RuntimeError) becomes a one-line TrainingError naming the step and
+        the last good checkpoint.
+        """
+        try:
+            return self._train(stop_after)
+        except RuntimeError as exc:
+            text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            transport = ("gloo", "nccl", "connection", "timed out", "timeout", "peer")
+            if not (dist.is_initialized() and dist.get_world_size() > 1 and any(w in text.lower() for w in transport)):
+                raise
+            detail = text.split("] ", 1)[-1].split(". ")[0]  # drop gloo's "[file.cc:537] " prefix and advice
+            last = ckpt.latest_checkpoint(self.out)
+            raise TrainingError(f"lost contact with another rank at step {self.step + 1} ({detail}); a process died "
+                                f"or stalled longer than parallel.timeout_s={self.cfg.parallel.timeout_s}; last good "
+                                f"checkpoint: {last if last else 'none'}; re-launch the job to resume from it") from None
+
+    def _train(self, stop_after: Optional[int]) -> dict:
         from tqdm import tqdm
 
         cfg = self.cfg.train
         self.resume_if_possible()
+        if self.ctx.is_main:  # after the checkpoint check: a refused config must not replace the run's config.yaml
+            save_config(self.cfg, self.out)
         self.engine.train()
         batches = iter(self.loader)
         target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)

@@ -127,6 +127,8 @@ class HFCausalLMOracle:
             raise DataError(f"oracle batch_size must be ≥ 1, got {batch_size}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        import edlm_dist.launch.hf_models  # noqa: F401  registers exported edlm AR models with the Auto classes
+
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(path_or_name)
             self.model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=torch.float32)

@@ -9,8 +9,9 @@
 ``vocab_proj``, the final layer and the head are replicated ``nn.Linear``s: together 2.6M
 parameters at H=768 acting on a replicated activation, so splitting them would only add
 communication. The trunk (embedding, sigma map, blocks) is initialised from a trained DiT with
-:meth:`EnergyModel.init_from_diffusion`. The final layer is zero (pooled feature ≡ 0) and so is the
-head's last layer (our choice, see below), hence E ≡ 0 at init.
+:meth:`EnergyModel.init_from_diffusion`. The final layer is zero (pooled feature ≡ 0) and the head
+is initialised like ``nn.Linear`` (as the reference code does), hence E is one input-independent
+constant at init: importance weights are then uniform and EDLM reduces to MDLM.
 """
 
 from __future__ import annotations
@@ -38,11 +39,11 @@ class EnergyModel(DiTTrunk):
         self.vocab_proj = replicated_linear(2 * dim, dim)
         self.output_layer = DDitFinalLayer(dim, model_cfg.cond_dim, out_features=dim, use_apex=model_cfg.use_apex,
                                            init=init)
-        # The last head layer starts at zero so that E ≡ 0 at init (IS then reduces to MDLM). The
-        # reference inits it like nn.Linear, which gives an input-independent constant instead;
-        # zeroing both the final layer and the whole head would leave no gradient at all.
+        # Default-initialised head (reference code). Zeroing its last layer as well as the final
+        # layer would be a saddle: E would be 0 for every input, and the NCE gradient
+        # sigma(E+) dE+ - sigma(-E-) dE- would vanish on every parameter.
         self.energy_head = nn.Sequential(replicated_linear(dim, dim), nn.ReLU(),
-                                         replicated_linear(dim, 1, bias=False, zero=True))
+                                         replicated_linear(dim, 1, bias=False))
 
     def forward(self, x_t: torch.Tensor, x0: torch.Tensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
         check_tokens(x_t, "x_t")

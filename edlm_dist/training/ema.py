@@ -9,7 +9,7 @@ raw weights afterwards. Under ZeRO-3 the caller gathers the partitioned paramete
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 import torch
 
@@ -38,19 +38,22 @@ class EMA:
             shadow.mul_(decay).add_(param.detach().float(), alpha=1.0 - decay)
 
     @contextlib.contextmanager
-    def swap_in(self) -> Iterator[None]:
-        """Temporarily load the EMA weights into the model (no-op when EMA is disabled)."""
+    def swap_in(self, gather: Callable[[], ContextManager] = contextlib.nullcontext) -> Iterator[None]:
+        """Temporarily load the EMA weights into the model (no-op when EMA is disabled).
+
+        ``gather`` makes partitioned (ZeRO-3) parameters whole while they are read and written.
+        """
         if not self.enabled:
             yield
             return
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
+        with gather(), torch.no_grad():
+            backup = [p.detach().clone() for p in self.params]
             for shadow, param in zip(self.shadow, self.params):
                 param.copy_(shadow.to(param.dtype))
         try:
             yield
         finally:
-            with torch.no_grad():
+            with gather(), torch.no_grad():
                 for saved, param in zip(backup, self.params):
                     param.copy_(saved)
 

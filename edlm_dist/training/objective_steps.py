@@ -90,14 +90,16 @@ class NCEObjective(Objective):
 
     def loss(self, model, x0, generator):
         t, x_t = self.corrupt(x0, generator)
+        sigma = self.schedule.total_noise(t)
         with torch.no_grad():
-            logits = self.diffusion(x_t, self.schedule.total_noise(t), gather_logits=True)
+            logits = self.diffusion(x_t, sigma, gather_logits=True)
             log_mu = subs_log_probs(logits[..., : self.vocab_size], x_t, self.mask_id)
             negatives = sample_nce_negatives(log_mu, self.cfg.train.n_negatives, generator=generator,
                                              dtype=self.negatives_dtype)
         n = negatives.shape[1]
-        e_pos = model(x_t, x0)
-        e_neg = model(x_t.repeat_interleave(n, dim=0), negatives.reshape(-1, x0.shape[1])).view(-1, n)
+        e_pos = model(x_t, x0, sigma)
+        e_neg = model(x_t.repeat_interleave(n, dim=0), negatives.reshape(-1, x0.shape[1]),
+                      sigma.repeat_interleave(n, dim=0)).view(-1, n)
         loss = nce_loss(e_pos, e_neg)
         stats = {"energy_pos": e_pos.detach().mean(), "energy_neg": e_neg.detach().mean()}
         return loss, stats

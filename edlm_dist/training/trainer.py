@@ -28,7 +28,7 @@ from edlm_dist.training import checkpoint as ckpt
 from edlm_dist.training.ema import EMA
 from edlm_dist.training.metrics_logger import MetricsLogger, console_logger
 from edlm_dist.training.objective_steps import Objective, build_objective
-from edlm_dist.training.weights import export_weights, weights_meta
+from edlm_dist.training.weights import export_weights, gathered_parameters, weights_meta
 
 VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
 REQUEUE_EXIT_CODE = 3  # `edlm train` exits with this after a preemption checkpoint: "requeue me"
@@ -90,7 +90,8 @@ class Trainer:
                                                     self.ctx.device)
         self._log_plan()
         self.engine, self.optimizer, self.scheduler = build_engine(self.objective.module, cfg, self.ctx.dp_size)
-        self.ema = EMA(list(self.engine.module.parameters()), cfg.train.ema)
+        with gathered_parameters(self.engine.module):  # ZeRO-3 partitions parameters: the shadow needs full tensors
+            self.ema = EMA(list(self.engine.module.parameters()), cfg.train.ema)
         self.loader = self._build_loader()
         self.noise = torch.Generator().manual_seed(data_seed(cfg.train.seed, self.ctx))
         self.step = 0
@@ -243,9 +244,7 @@ class Trainer:
     def _update_ema(self) -> None:
         if not self.ema.enabled:
             return
-        from edlm_dist.training.weights import _gathered
-
-        with _gathered(self.engine.module):
+        with gathered_parameters(self.engine.module):
             self.ema.update()
 
     def _step_metrics(self, loss: torch.Tensor, elapsed: float, tokens_per_step: int) -> dict:
@@ -281,7 +280,7 @@ class Trainer:
         cpu_state = torch.get_rng_state()
         self.engine.eval()
         try:
-            with self.ema.swap_in():
+            with self.ema.swap_in(lambda: gathered_parameters(self.engine.module, modifier_rank=0)):
                 for batch in loader:
                     with _autocast(self.precision, self.ctx.device):
                         loss, _ = self.objective.loss(self.engine.module, batch.to(self.ctx.device), generator)

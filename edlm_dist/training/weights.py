@@ -26,12 +26,16 @@ WEIGHTS_DIR = "weights"
 FORMAT_VERSION = 1
 
 
-def _gathered(module: torch.nn.Module):
+def gathered_parameters(module: torch.nn.Module, modifier_rank=None):
+    """Full parameters inside the context under ZeRO-3 (a no-op otherwise).
+
+    With ``modifier_rank`` set, that rank's in-place changes are kept when the context exits.
+    """
     params = list(module.parameters())
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions parameters; gather them to read them
+    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions parameters
         import deepspeed
 
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
     return contextlib.nullcontext()
 
 
@@ -40,7 +44,7 @@ def full_tensors(module: torch.nn.Module, local: Optional[list[torch.Tensor]] = 
     from edlm_dist.models.layers import gather_full_tensor
 
     out = {}
-    with _gathered(module):
+    with gathered_parameters(module):
         for i, (name, param) in enumerate(module.named_parameters()):
             value = param.detach() if local is None else local[i]
             out[name] = gather_full_tensor(param, value.to(param.dtype), None).float().cpu().contiguous()

@@ -36,15 +36,18 @@ def tokens(seed: int = 5) -> torch.Tensor:
     return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
 
 
-def test_energy_is_exactly_zero_at_init_but_gets_a_gradient():
+def test_energy_is_input_independent_at_init_and_nce_gets_a_gradient():
+    from edlm_dist.objectives.losses import nce_loss
+
     torch.manual_seed(0)
     energy = build_model("energy", tiny(), V, L)
-    e = energy(tokens(1), tokens(2))
-    assert e.shape == (B,) and e.dtype == torch.float32
-    assert torch.equal(e, torch.zeros(B))
-    e.sum().backward()
-    # Training can start: the head's zero last layer sees ReLU(b1) != 0.
-    assert energy.energy_head[2].weight.grad.abs().sum() > 0
+    e_pos, e_neg = energy(tokens(1), tokens(2)), energy(tokens(1), tokens(3))
+    assert e_pos.shape == (B,) and e_pos.dtype == torch.float32
+    # Zero final layer: the pooled feature is 0, so every input gets the same constant energy.
+    assert torch.equal(e_pos, torch.full((B,), e_pos[0].item())) and torch.equal(e_pos, e_neg)
+    nce_loss(e_pos, e_neg[:, None]).backward()
+    # Not a saddle: the input-dependent path (the zero final layer) receives an NCE gradient.
+    assert energy.output_layer.linear.weight.grad.abs().sum() > 0
 
 
 def test_energy_matches_explicit_composition():
@@ -95,8 +98,8 @@ def test_init_from_diffusion_copies_the_trunk_only():
             assert torch.equal(param, theirs[name]), name
         else:
             assert torch.equal(param, before[name]), name
-    # The energy is still exactly zero: its own final layer is new and zero-initialised.
-    assert torch.equal(energy(tokens(1), tokens(2)), torch.zeros(B))
+    # Still input-independent: its own final layer is new and zero-initialised.
+    assert torch.equal(energy(tokens(1), tokens(2)), energy(tokens(3), tokens(4)))
 
 
 def test_init_from_diffusion_rejects_mismatched_checkpoints():

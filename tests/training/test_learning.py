@@ -65,9 +65,10 @@ def test_nce_energy_learns_from_the_trained_diffusion(trained_mdlm, synthetic_da
                                                   "train.val_every": 60, "train.diffusion_ckpt": str(mdlm_dir),
                                                   "train.n_negatives": 2})
     initial, final = run_on_ranks(_train, 1, tmp_path, overrides)[0]
-    # Zero-init final layer: E = 0 for everything, so the Eq. 10 loss starts at exactly 2 log 2.
-    assert initial == pytest.approx(2 * torch.log(torch.tensor(2.0)).item(), abs=1e-6)
-    assert final < initial - 0.05, (initial, final)
+    # Zero-init final layer: one constant energy c for every input, so the Eq. 10 loss starts at
+    # softplus(c) + softplus(-c) >= 2 log 2, which no input-independent energy can beat.
+    assert initial >= 2 * torch.log(torch.tensor(2.0)).item() - 1e-6
+    assert final < 2 * torch.log(torch.tensor(2.0)).item() - 0.05, (initial, final)
 
 
 def _nan_run(out_dir, overrides):

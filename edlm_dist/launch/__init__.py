@@ -1,0 +1,1 @@
+"""Launch helpers: Hugging Face export, ZeRO checkpoint consolidation."""

@@ -1,0 +1,170 @@
+"""``edlm export-hf CKPT --out DIR``: a trained model as a Hugging Face folder.
+
+``CKPT`` is a run folder (``OUT``: its ``OUT/weights``, else its latest checkpoint), a weights
+folder, or a DeepSpeed checkpoint folder (``OUT/checkpoints/step_X``, consolidated on the fly by
+:mod:`edlm_dist.launch.zero_to_fp32`). ``DIR`` receives
+
+* ``model.safetensors`` + ``config.json``: :mod:`edlm_dist.launch.hf_models` classes. The AR model
+  is a GPT-NeoX causal LM (``AutoModelForCausalLM``), the diffusion and energy models load with
+  ``AutoModel`` — after ``import edlm_dist.launch.hf_models``, which registers the model types;
+* tokenizer files that ``AutoTokenizer.from_pretrained(DIR)`` reads: GPT-2 -> ``GPT2TokenizerFast``
+  (exactly GPT-2's; the mask id 50257 is only in ``config.json`` as ``mask_token_id``);
+  synthetic / char -> a ``tokenizers`` WordLevel model in a ``PreTrainedTokenizerFast`` (same ids,
+  special strings and decoding as edlm's own tokenizers);
+* ``edlm_meta.json``: the weights' meta (kind, step, full training config, tokenizer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edlm_dist.config.load import config_from_dict
+from edlm_dist.config.schema import RunConfig
+from edlm_dist.errors import CheckpointError, DataError
+
+META_FILE = "edlm_meta.json"
+
+
+# ----------------------------------------------------------------------------- weights
+def load_export_source(path: str | os.PathLike, *, use_ema: bool,
+                       scratch: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, RunConfig, str]:
+    """``(full edlm state dict, weights meta, config, which file)`` from a run, weights or checkpoint folder."""
+    from edlm_dist.launch.zero_to_fp32 import checkpoint_to_weights
+    from edlm_dist.training.weights import read_weights_meta
+
+    try:
+        folder, meta = read_weights_meta(path)
+    except CheckpointError:
+        folder = checkpoint_to_weights(path, Path(scratch) / "weights")  # raises if it is no checkpoint either
+        folder, meta = read_weights_meta(folder)
+    name = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
+    try:
+        state = load_file(str(folder / name))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {folder / name} ({exc}); re-export the weights from the run") from None
+    return state, meta, config_from_dict(meta["config"]), name
+
+
+# ----------------------------------------------------------------------------- tokenizer
+def edlm_tokenizer_for(meta: dict):
+    """The run's tokenizer: the prepared data folder's saved copy, else rebuilt from its description."""
+    from edlm_dist.data.tokenizers import build_tokenizer
+
+    info = meta.get("tokenizer") or {}
+    saved = Path(str(meta.get("data_dir", ""))) / "tokenizer"
+    if meta.get("data_dir") and saved.is_dir():
+        return build_tokenizer(str(saved))
+    name = info.get("name")
+    if name == "synthetic":
+        return build_tokenizer("synthetic", synthetic_num_tokens=int(info["num_tokens"]))
+    if name in ("char", "gpt2"):
+        return build_tokenizer(info.get("source", "gpt2") if name == "gpt2" else "char")
+    raise DataError(f"cannot rebuild the tokenizer {info!r} (data folder {saved} is gone); restore the prepared "
+                    "data folder, which holds tokenizer/")
+
+
+def _word_level(tok, specials: list[str], *, char_level: bool, unk: str | None):
+    """A ``tokenizers`` WordLevel model whose ids are edlm's: token i is ``tok.decode([i])``."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    vocab = {tok.decode([i]): i for i in range(tok.vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    if char_level:  # text8: lower-case, one token per character (newlines too, as [UNK]), decode by joining
+        backend.normalizer = normalizers.Lowercase()
+        backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+        backend.decoder = decoders.Fuse()
+    else:  # whitespace-separated words, decoded joined by single spaces
+        backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in specials])
+    return backend
+
+
+def hf_tokenizer(tok, *, model_max_length: int):
+    """A ``transformers`` fast tokenizer with the same ids as the edlm tokenizer ``tok``."""
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    from edlm_dist.data.tokenizers import CHAR_SPECIALS
+
+    if tok.name == "gpt2":
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save(tmp)
+            hf = GPT2TokenizerFast.from_pretrained(tmp)
+        # The mask id (50257, one past the BPE) stays out of the tokenizer: an added "[MASK]" token would
+        # turn the literal text "[MASK]" into the mask id, which edlm's encode (and GPT-2) never does.
+    elif tok.name in ("synthetic", "char"):
+        char = tok.name == "char"
+        specials = list(CHAR_SPECIALS) if char else [tok.decode([i]) for i in (tok.bos_id, tok.eos_id, tok.mask_id)]
+        named = {"bos_token": tok.decode([tok.bos_id]), "eos_token": tok.decode([tok.eos_id]),
+                 "mask_token": tok.decode([tok.mask_id])}
+        if char:
+            named.update(unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]")
+        backend = _word_level(tok, specials, char_level=char, unk="[UNK]" if char else None)
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **named)
+        if hf.mask_token_id != tok.mask_id:
+            raise DataError(f"exported tokenizer puts the mask at {hf.mask_token_id}, the model at {tok.mask_id}")
+    else:
+        raise DataError(f"tokenizer '{tok.name}' has no Hugging Face export; use gpt2, char or synthetic")
+    hf.model_max_length = model_max_length
+    return hf
+
+
+# ----------------------------------------------------------------------------- export
+def _hf_state_and_config(kind: str, state: dict[str, torch.Tensor], meta: dict, cfg: RunConfig, tok):
+    from edlm_dist.launch import hf_models
+
+    shape = dict(vocab_size=int(meta["vocab_size"]), seq_len=int(meta["seq_len"]), mask_id=int(meta["mask_id"]),
+                 bos_id=tok.bos_id, eos_id=tok.eos_id)
+    if kind == "ar":
+        hf_state = hf_models.ar_state_dict_to_hf(state, cfg.model, shape["mask_id"])
+        return hf_state, hf_models.ar_hf_config(cfg.model, **shape)
+    if kind in ("dit", "energy"):
+        return ({"model." + k: v.contiguous() for k, v in state.items()},
+                hf_models.wrapped_hf_config(kind, cfg.model, **shape))
+    raise CheckpointError(f"model kind '{kind}' cannot be exported; expected dit, ar or energy")
+
+
+def _check_target(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
+        raise CheckpointError(f"--out {out} exists and is not an edlm export; choose an empty or new folder")
+
+
+def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool = True) -> Path:
+    """Write the Hugging Face folder ``out`` for the model at ``path``; returns ``out``."""
+    out = Path(out)
+    _check_target(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        state, meta, cfg, source = load_export_source(path, use_ema=use_ema, scratch=tmp / ".scratch")
+        tok = edlm_tokenizer_for(meta)
+        hf_state, hf_config = _hf_state_and_config(meta["kind"], state, meta, cfg, tok)
+        save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf_config.save_pretrained(str(tmp))
+        hf_tokenizer(tok, model_max_length=int(meta["seq_len"])).save_pretrained(str(tmp))
+        shutil.rmtree(tmp / ".scratch", ignore_errors=True)
+        (tmp / META_FILE).write_text(json.dumps({**meta, "exported_weights": source}, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    out = export_hf(args.checkpoint, args.out, use_ema=args.use_ema)
+    meta = json.loads((out / META_FILE).read_text())
+    loader = "AutoModelForCausalLM" if meta["kind"] == "ar" else "AutoModel"
+    print(f"exported {meta['kind']} model (step {meta.get('step')}, {meta['exported_weights']}) to {out}; load it with "
+          f"`import edlm_dist.launch.hf_models` then `{loader}.from_pretrained('{out}')`")
+    return 0

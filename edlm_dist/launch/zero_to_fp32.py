@@ -20,21 +20,18 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors.torch import save_file
 
 from edlm_dist.config.load import config_from_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError
 from edlm_dist.training import checkpoint as ckpt
-from edlm_dist.training.weights import FORMAT_VERSION, weights_meta
+from edlm_dist.training.weights import weights_meta, write_weights_folder
 
 CHECKPOINT_MARKER = "signature"  # key of a checkpoint's meta.json (weights' meta.json has "kind" instead)
 
@@ -159,20 +156,4 @@ def checkpoint_to_weights(path: str | os.PathLike, out_dir: str | os.PathLike) -
     info = weights_meta(cfg, kind=signature["kind"], vocab_size=int(signature["vocab_size"]),
                         step=int(meta["step"]), tokenizer=_tokenizer_info(cfg),
                         extra={"data_dir": str(cfg.data.dir), "converted_from": str(resolve_checkpoint_dir(path))})
-    out = Path(out_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        save_file(raw, str(tmp / "model.safetensors"))
-        if ema is not None:
-            save_file(ema, str(tmp / "ema.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **info}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write consolidated weights to {out} ({exc}); free disk space or fix "
-                              "permissions") from None
-    return out
+    return write_weights_folder(Path(out_dir), raw, ema, info)

@@ -57,9 +57,14 @@ def export_weights(module: torch.nn.Module, out_dir: str | os.PathLike, *, ema_s
     raw = full_tensors(module)
     ema = full_tensors(module, ema_shadow) if ema_shadow is not None else None
     target = Path(out_dir) / WEIGHTS_DIR
-    if not write:
-        return target
-    tmp = target.with_name(WEIGHTS_DIR + ".tmp")
+    if write:
+        write_weights_folder(target, raw, ema, meta)
+    return target
+
+
+def write_weights_folder(target: Path, raw: dict, ema: Optional[dict], meta: dict[str, Any]) -> Path:
+    """Write model/ema safetensors + meta.json into ``target`` atomically (temporary folder + rename)."""
+    tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)

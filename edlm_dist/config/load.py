@@ -137,6 +137,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check(s.steps >= 1, f"sample.steps must be >= 1 (got {s.steps})")
     _check(s.k >= 1, f"sample.k must be >= 1 (got {s.k}): it is the number of importance-sampling proposals")
     _check(0.0 <= s.window <= 1.0, f"sample.window must be in [0, 1] (got {s.window}): IS runs for t in [1-window, 1]")
+    _check(s.proposal_parallel >= 0, "sample.proposal_parallel must be >= 0 (0 = auto)")
     _check(s.temperature > 0, f"sample.temperature must be > 0 (got {s.temperature})")
     _check(s.num_samples >= 1 and s.batch_size >= 1, "sample.num_samples and sample.batch_size must be >= 1")
     for metric in cfg.eval.metrics:

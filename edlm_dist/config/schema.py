@@ -120,6 +120,7 @@ class SampleConfig:
     batch_size: int = 8
     seed: int = 1
     use_ema: bool = True
+    proposal_parallel: int = 0  # ranks sharing one sequence's k proposals; 0 = auto (docs/sampling.md)
     diffusion_ckpt: str = ""
     ar_ckpt: str = ""
     energy_ckpt: str = ""

@@ -295,18 +295,6 @@ def write_outputs(results: dict, out: Path) -> None:
     (out / "metrics.md").write_text(markdown_report(results))
 
 
-def _runtime_config(cfg: RunConfig) -> RunConfig:
-    """The config for init_parallel: validate_world also checks the *training* batch against the rank
-    count, which must not stop an evaluation on any number of ranks."""
-    import copy
-
-    from edlm_dist.parallel.runtime import discover_environment
-
-    runtime = copy.deepcopy(cfg)
-    runtime.train.micro_batch, runtime.train.global_batch = 1, int(discover_environment()["world_size"])
-    return runtime
-
-
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
@@ -317,7 +305,7 @@ def cli_main(args: argparse.Namespace) -> int:
 
     from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
 
-    ctx = init_parallel(_runtime_config(cfg))
+    ctx = init_parallel(cfg, training=False)
     try:
         dist.barrier()  # on-the-fly samples are written by one rank
         for path in plan.sample_files:

@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import sys
-import types
 from collections import Counter
 
 import pytest
@@ -133,36 +132,21 @@ def test_eval_cli_writes_tables_and_plots_and_two_ranks_equal_one(setup):
         assert (root / "one" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def _fake_sample_module(calls):
-    """Stands in for `edlm sample`: writes samples.jsonl + summary.json into --out."""
-    def fake_cli_main(args):
-        from pathlib import Path
-
-        cfg = load_config(args.config, args.overrides)
-        language = SyntheticLanguage(cfg.data.synthetic, cfg.data.seq_len)
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        rows = language.sample(5, torch.Generator().manual_seed(3)).tolist()
-        (out / "samples.jsonl").write_text("".join(json.dumps({"tokens": r, "seconds": 0.1}) + "\n" for r in rows))
-        (out / "summary.json").write_text(json.dumps({"sampler": "edlm", "energy": "nce", "steps": 4}))
-        calls.append(list(args.overrides))
-        return 0
-
-    return types.SimpleNamespace(cli_main=fake_cli_main)
-
-
 @pytest.mark.multirank
-def test_empty_samples_list_samples_on_the_fly(setup, monkeypatch):
-    calls: list = []
-    monkeypatch.setitem(sys.modules, "edlm_dist.sampling.cli", _fake_sample_module(calls))
+def test_empty_samples_list_samples_on_the_fly(setup):
+    """No sample files: `edlm eval` runs the real `edlm sample` first, then scores what it wrote."""
     out = setup["root"] / "otf"
-    overrides = ["eval.samples=[]", "eval.metrics=[genppl,entropy]", "sample.steps=4"]
+    runs = setup["runs"]
+    overrides = ["eval.samples=[]", "eval.metrics=[genppl,entropy]", "sample.sampler=edlm", "sample.energy=nce",
+                 "sample.steps=4", "sample.k=2", "sample.num_samples=5", "sample.batch_size=5",
+                 f"sample.diffusion_ckpt={runs['dit']}", f"sample.energy_ckpt={runs['energy']}"]
     assert run_on_ranks(_run_cli, 1, setup["config"], out, overrides) == [0]
     metrics = json.loads((out / "metrics.json").read_text())
     assert "likelihood" not in metrics
     (result,) = metrics["samples"]
     assert result["file"] == str(out / "samples" / "samples.jsonl") and result["method"] == "EDLM-NCE"
     rows = [json.loads(line)["tokens"] for line in open(result["file"])]
+    assert len(rows) == 5
     log_p = setup["language"].log_prob(torch.tensor(rows))
     assert result["gen_ppl"] == pytest.approx(math.exp(-log_p.sum().item() / (5 * (SEQ_LEN - 1))))
 

@@ -1,0 +1,153 @@
+"""Energy callables for EDLM importance sampling, built from loaded models (paper §4.2, spec §6.2, §6.3).
+
+Every energy has the signature of :data:`edlm_dist.sampling.engine.EnergyFn`:
+``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> (N,) float64``, where
+``log_mu_tokens[n, i] = log mu_theta(x0[n, i] | x_t[n])`` comes from the SAME diffusion output that
+proposed x0 (0 at carried-over positions). Low energy = preferred (weights ∝ exp(-E / tau)).
+
+* ``ar`` / ``coar``: ``E = -log p_(co)AR(x0) + log p_theta(x0 | x_t)`` (Eq. 9) in log space. The
+  reference's sampling path summed mu_theta instead of log mu_theta (spec §6.3); we do not.
+* ``nce``: the trained energy network ``E_phi(x_t, x0)`` (Eq. 10 / spec §6.2).
+* ``oracle``: ``E = -log p_true(x0) + log p_theta(x0 | x_t)`` with the exact synthetic language, so
+  p_theta * exp(-E) ∝ p_true restricted to x_t's unmasked tokens: the best any energy can do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from edlm_dist.errors import ConfigError, DataError
+from edlm_dist.objectives.schedule import LogLinearSchedule
+from edlm_dist.sampling.energies import ar_energy, oracle_energy
+
+ENERGIES = ("ar", "coar", "nce", "oracle")
+MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB in float32)
+
+
+def _chunks(n: int, rows_per_chunk: int):
+    for start in range(0, n, rows_per_chunk):
+        yield slice(start, min(n, start + rows_per_chunk))
+
+
+class AREnergy:
+    """EDLM-AR (``carry_over=False``) or EDLM-coAR (``carry_over=True``, paper §4.2.1) energy.
+
+    ``log p_AR(x0^i | x0^{<i})`` for i >= 1 from one causal forward over x0 (position 0 is never
+    scored, spec §6.3); the AR and diffusion terms are summed in float32 or better.
+
+    Position 0 is left out of the diffusion term too, so the tilted target p_theta * exp(-E) keeps
+    p_theta's factor for the first token instead of dividing it out (which would weight candidates
+    by 1/mu_theta(x0^0)). The likelihood evaluation uses the same convention (its coAR Z is then 1).
+    """
+
+    def __init__(self, ar_model: torch.nn.Module, mask_id: int, *, carry_over: bool,
+                 max_chunk_rows: Optional[int] = None):
+        self.model, self.mask_id, self.carry_over = ar_model.eval(), int(mask_id), bool(carry_over)
+        self.max_chunk_rows = max_chunk_rows
+
+    def token_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
+        """(N, L): column i >= 1 = log p_AR(x0^i | x0^{<i}); column 0 = 0 (unscored)."""
+        n, length = x0.shape
+        vocab = getattr(self.model, "vocab_size", 1)
+        rows = self.max_chunk_rows or max(1, MAX_CHUNK_ELEMENTS // max(1, length * vocab))
+        out = torch.zeros((n, length), dtype=torch.float32, device=x0.device)
+        for part in _chunks(n, rows):
+            log_probs = self.model.log_probs(x0[part], self.mask_id)  # (n, L, V): position i predicts i + 1
+            out[part, 1:] = log_probs[:, :-1].gather(-1, x0[part, 1:, None]).squeeze(-1)
+        return out
+
+    @torch.no_grad()
+    def __call__(self, x0, x_t, log_mu_tokens, t):
+        log_mu_scored = torch.cat([torch.zeros_like(log_mu_tokens[:, :1]), log_mu_tokens[:, 1:]], dim=1)
+        energies = ar_energy(self.token_log_probs(x0), log_mu_scored, x_t, self.mask_id, carry_over=self.carry_over)
+        return energies.to(torch.float64)
+
+
+class NCEEnergy:
+    """The trained energy network E_phi(x_t, x0) (spec §6.2); sigma(t) only if it was trained with it."""
+
+    def __init__(self, energy_model: torch.nn.Module, *, schedule: Optional[LogLinearSchedule] = None,
+                 max_chunk_rows: int = 256):
+        self.model = energy_model.eval()
+        self.schedule = schedule or LogLinearSchedule()
+        self.time_conditioning = bool(getattr(energy_model, "time_conditioning", False))
+        self.max_chunk_rows = int(max_chunk_rows)
+
+    @torch.no_grad()
+    def __call__(self, x0, x_t, log_mu_tokens, t):
+        out = torch.empty(x0.shape[0], dtype=torch.float64, device=x0.device)
+        for part in _chunks(x0.shape[0], self.max_chunk_rows):
+            sigma = self.schedule.total_noise(t[part].float()) if self.time_conditioning else None
+            out[part] = self.model(x_t[part], x0[part], sigma).to(torch.float64)
+        return out
+
+
+class OracleEnergy:
+    """``-log p_true(x0) + log p_theta(x0 | x_t)`` with an exact-likelihood language (``.log_prob``)."""
+
+    def __init__(self, language):
+        self.language = language
+
+    @torch.no_grad()
+    def __call__(self, x0, x_t, log_mu_tokens, t):
+        log_p_true = self.language.log_prob(x0.cpu()).to(x0.device)
+        return oracle_energy(log_p_true, log_mu_tokens.to(torch.float64)).to(torch.float64)
+
+
+def build_energy(kind: str, *, mask_id: int, ar_model: Optional[torch.nn.Module] = None,
+                 energy_model: Optional[torch.nn.Module] = None, language=None):
+    """The energy callable for ``kind`` in ``ENERGIES``; a missing ingredient is a ConfigError."""
+    if kind in ("ar", "coar"):
+        if ar_model is None:
+            raise ConfigError(f"energy '{kind}' needs an AR model; set sample.ar_ckpt=<--out of an `edlm train "
+                              "train.objective=ar` run>")
+        return AREnergy(ar_model, mask_id, carry_over=kind == "coar")
+    if kind == "nce":
+        if energy_model is None:
+            raise ConfigError("energy 'nce' needs a trained energy model; set sample.energy_ckpt=<--out of an "
+                              "`edlm train train.objective=nce` run>")
+        return NCEEnergy(energy_model)
+    if kind == "oracle":
+        if language is None:
+            raise ConfigError("energy 'oracle' needs the exact synthetic language; it is only available when the "
+                              "diffusion model was trained on data.source=synthetic")
+        return OracleEnergy(language)
+    raise ConfigError(f"energy '{kind}' is unknown; use one of {list(ENERGIES)}")
+
+
+def synthetic_language_for(meta: dict):
+    """The exact synthetic language a model was trained on, or None for other data.
+
+    Read from the data manifest recorded in the weights' ``data_dir`` (the language that generated
+    the rows); falls back to the run's ``data.synthetic`` config when the data folder is gone. A
+    manifest whose tables hash differs from the rebuilt language is a DataError.
+    """
+    from edlm_dist.config.schema import SyntheticConfig
+    from edlm_dist.data.synthetic import SyntheticLanguage
+
+    data_cfg = (meta.get("config") or {}).get("data") or {}
+    manifest = None
+    data_dir = meta.get("data_dir") or data_cfg.get("dir")
+    if data_dir and (Path(data_dir) / "manifest.json").is_file():
+        try:
+            manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+        except (OSError, ValueError):
+            manifest = None
+    source = (manifest or {}).get("source") or {}
+    if manifest is not None and source.get("name") != "synthetic":
+        return None
+    if manifest is None and data_cfg.get("source") != "synthetic":
+        return None
+    fields = source.get("config") or data_cfg.get("synthetic") or {}
+    known = SyntheticConfig.__dataclass_fields__
+    language = SyntheticLanguage(SyntheticConfig(**{k: v for k, v in fields.items() if k in known}),
+                                 int(meta["seq_len"]))
+    expected = (source.get("language") or {}).get("tables_sha256")
+    if expected and language.describe()["tables_sha256"] != expected:
+        raise DataError(f"the synthetic language rebuilt from {data_dir}/manifest.json does not match its recorded "
+                        "tables hash; re-run `edlm prepare-data --source synthetic` with this edlm-dist version")
+    return language

@@ -1,0 +1,157 @@
+"""Distributed proposal sampler: distributed ≡ single rank.
+
+Two gloo ranks sample with the k proposals split over them (k = 4, 3 and 1: divisible, uneven,
+fewer proposals than ranks), and as two data-parallel groups, and (second fork) with a
+tensor-parallel diffusion + AR energy pair. Every layout must give exactly the tokens of one process
+drawing all k itself, with x_t identical on every rank after every step (per-step hashes).
+"""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from edlm_dist.config.load import load_config
+from edlm_dist.config.schema import ModelConfig
+from edlm_dist.errors import ConfigError, SamplingError
+from edlm_dist.models.build import build_model
+from edlm_dist.models.layers import load_full_state_dict
+from edlm_dist.parallel.proposals import default_proposal_parallel, proposal_split, sampling_layout
+from edlm_dist.parallel.spawn import run_on_ranks
+from edlm_dist.sampling.cli import _batches
+from edlm_dist.sampling.energy_fns import AREnergy
+from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
+
+pytestmark = pytest.mark.multirank
+
+VOCAB, LENGTH, MASK = 7, 8, 6
+TINY = ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0, use_apex=False)
+IDS = [0, 1, 2]
+CASES = {  # name: settings
+    "k4": SamplerSettings(sampler="edlm", steps=8, k=4, window=0.5, seed=9),
+    "k3": SamplerSettings(sampler="edlm", steps=8, k=3, window=0.5, seed=9),
+    "k1": SamplerSettings(sampler="edlm", steps=8, k=1, window=0.5, seed=9),
+    "k4_reuse": SamplerSettings(sampler="edlm", steps=8, k=4, window=0.5, seed=9, redraw_every_step=False),
+}
+DATA_PARALLEL = SamplerSettings(sampler="edlm", steps=8, k=2, window=1.0, seed=4)
+
+
+def _random_state(kind: str, seed: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    model = build_model(kind, TINY, VOCAB, LENGTH)
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(p.shape, generator=g) * (0.8 / math.sqrt(p.shape[1] if p.dim() == 2 else 1))
+            for name, p in model.named_parameters()}
+
+
+def _models(states):
+    """DiT denoiser + coAR energy for the current TP group, from full (TP-independent) weights."""
+    models = {}
+    for kind in ("dit", "ar"):
+        torch.manual_seed(0)
+        models[kind] = build_model(kind, TINY, VOCAB, LENGTH)
+        load_full_state_dict(models[kind], states[kind])
+        models[kind].eval()
+    return ModelDenoiser(models["dit"], MASK, VOCAB), AREnergy(models["ar"], MASK, carry_over=True)
+
+
+def _sample(denoiser, energy, settings, ids, proposals=None):
+    out = sample_batch(denoiser, settings, ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
+                       trace=True)
+    return {"tokens": out.tokens, "hashes": out.step_hashes, "ess": out.ess_per_step,
+            "energy_evaluations": out.energy_evaluations}
+
+
+@pytest.fixture(scope="module")
+def states():
+    return {"dit": _random_state("dit", 1), "ar": _random_state("ar", 2)}
+
+
+@pytest.fixture(scope="module")
+def reference(states):
+    denoiser, energy = _models(states)
+    out = {name: _sample(denoiser, energy, settings, IDS) for name, settings in CASES.items()}
+    out["data_parallel"] = _sample(denoiser, energy, DATA_PARALLEL, range(5))["tokens"]
+    return out
+
+
+def _rank_tp1(states):
+    from edlm_dist.parallel.proposals import DistributedProposals
+    from edlm_dist.parallel.runtime import init_parallel
+
+    ctx = init_parallel(load_config(None, ["train.global_batch=2", "train.micro_batch=1"]))
+    denoiser, energy = _models(states)
+    result = {}
+    for name, settings in CASES.items():  # one proposal group of P = 2
+        layout = sampling_layout(ctx, 2, settings.k)
+        assert (layout.proposal_size, layout.data_size, layout.writes) == (2, 1, ctx.rank == 0)
+        result[name] = _sample(denoiser, energy, settings, IDS, layout.proposals)
+    layout = sampling_layout(ctx, 1, DATA_PARALLEL.k)  # two data-parallel groups of one rank
+    assert (layout.proposal_size, layout.data_size, layout.data_rank) == (1, 2, ctx.rank)
+    result["data_parallel"] = {ids[0]: sample_batch(denoiser, DATA_PARALLEL, ids, length=LENGTH, mask_id=MASK,
+                                                    energy_fn=energy, proposals=layout.proposals).tokens
+                               for ids in _batches(5, 2, layout.data_rank, layout.data_size)}
+    drifted = torch.full((1, LENGTH), ctx.rank)  # ranks that drifted apart must fail loudly on every rank
+    for name, call in (("drift_end", lambda p: p.check_in_sync(drifted, "at the end of the batch")),
+                       ("drift_is", lambda p: p.gather(torch.zeros(1, 1, dtype=torch.float64),
+                                                       torch.zeros(1, 1, LENGTH, dtype=torch.long), 2, drifted))):
+        try:
+            call(DistributedProposals())
+            result[name] = None
+        except SamplingError as exc:
+            result[name] = str(exc)
+    return result
+
+
+def _rank_tp2(states):
+    from edlm_dist.parallel.runtime import init_parallel
+
+    ctx = init_parallel(load_config(None, ["parallel.tp=2", "train.global_batch=2", "train.micro_batch=2"]))
+    assert ctx.tp_size == 2 and ctx.dp_size == 1
+    denoiser, energy = _models(states)  # both models sharded over the two ranks
+    layout = sampling_layout(ctx, 0, CASES["k4"].k)
+    assert (layout.proposal_size, layout.data_size, layout.writes) == (1, 1, ctx.rank == 0)
+    return _sample(denoiser, energy, CASES["k4"], IDS, layout.proposals)
+
+
+def test_proposal_split_and_default_group_size():
+    assert [list(r) for r in proposal_split(4, 2)] == [[0, 1], [2, 3]]
+    assert [list(r) for r in proposal_split(5, 3)] == [[0, 1], [2, 3], [4]]
+    assert [list(r) for r in proposal_split(1, 2)] == [[0], []]
+    assert default_proposal_parallel(8, 2) == 2 and default_proposal_parallel(8, 16) == 8
+    assert default_proposal_parallel(6, 4) == 3 and default_proposal_parallel(4, 1) == 1
+    ctx = SimpleNamespace(world_size=4, dp_size=4, tp_size=1)
+    with pytest.raises(ConfigError, match="must divide the data-parallel size 4"):
+        sampling_layout(ctx, 3, 4)
+
+
+def test_two_ranks_sample_exactly_what_one_rank_samples(states, reference):
+    ranks = run_on_ranks(_rank_tp1, 2, states, timeout=240)
+    for name, settings in CASES.items():
+        ref = reference[name]
+        for rank in ranks:
+            assert torch.equal(rank[name]["tokens"], ref["tokens"]), name
+            assert rank[name]["hashes"] == ref["hashes"], name  # x_t identical at every step, on every rank
+            assert rank[name]["ess"] == pytest.approx(ref["ess"], rel=1e-6, nan_ok=True), name
+        owned = [len(r) for r in proposal_split(settings.k, 2)]
+        shares = [rank[name]["energy_evaluations"] for rank in ranks]
+        assert sum(shares) == ref["energy_evaluations"], name  # each proposal drawn and scored exactly once
+        assert shares[0] * max(1, owned[1]) == shares[1] * owned[0] or owned[1] == 0, (name, shares)
+    assert ranks[1]["k1"]["energy_evaluations"] == 0  # k < P: rank 1 only joins the exchange
+    assert len(set(tuple(r["k4"]["hashes"]) for r in ranks)) == 1
+    gathered = {**ranks[0]["data_parallel"], **ranks[1]["data_parallel"]}
+    assert sorted(gathered) == [0, 2, 4] and sorted(ranks[1]["data_parallel"]) == [2]
+    assert torch.equal(torch.cat([gathered[i] for i in (0, 2, 4)]), reference["data_parallel"])
+    for rank in ranks:
+        assert "x_t differs between the ranks of a proposal group at the end" in (rank["drift_end"] or "")
+        assert "x_t differs between the ranks of a proposal group at an importance" in (rank["drift_is"] or "")
+
+
+def test_tensor_parallel_models_sample_what_dense_models_sample(states, reference):
+    ranks = run_on_ranks(_rank_tp2, 2, states, timeout=240)
+    for rank in ranks:
+        assert torch.equal(rank["tokens"], reference["k4"]["tokens"])
+        assert rank["hashes"] == reference["k4"]["hashes"]

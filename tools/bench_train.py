@@ -1,0 +1,170 @@
+"""Training-step benchmark: tokens/s, achieved FLOP/s vs this machine's measured matmul peak, and
+DeepSpeed ZeRO-1/2/3 step time relative to plain PyTorch DDP on 2 ranks.
+
+    OMP_NUM_THREADS=1 python tools/bench_train.py                 # CPU defaults
+    python tools/bench_train.py --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8   # on a GPU
+
+On CUDA the achieved FLOP/s is also reported as MFU against the GPU's datasheet bf16 peak
+(``--peak-tflops``, default 989 for H100 SXM). Prints figures; tests never time things.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from edlm_dist.config.load import load_config
+from edlm_dist.models.build import build_model, flops_per_token
+from edlm_dist.objectives.losses import mdlm_loss
+from edlm_dist.objectives.schedule import LogLinearSchedule, mask_tokens, sample_times
+
+VOCAB = 35
+
+
+def measured_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
+    """Best FLOP/s of a square GEMM on this machine, same threads/dtype as the training step."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _config(args, extra=()):
+    return load_config(None, [f"model.hidden_size={args.hidden}", f"model.n_blocks={args.blocks}",
+                              f"model.n_heads={args.heads}", f"model.cond_dim={args.cond}",
+                              f"data.seq_len={args.seq_len}", f"train.micro_batch={args.batch}",
+                              f"train.global_batch={args.batch * args.world}", "train.precision=fp32", *extra])
+
+
+def _step_fn(model, batch, schedule, generator, autocast):
+    t = sample_times(batch.shape[0], generator=generator, device=batch.device)
+    x_t = mask_tokens(batch, schedule.move_chance(t), VOCAB - 1, generator=generator)
+    with autocast:
+        logits = model(x_t, schedule.total_noise(t))
+    loss, _ = mdlm_loss(logits.float(), batch, x_t, t, VOCAB - 1, schedule=schedule)
+    return loss
+
+
+def single_process(args) -> dict:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = _config(args)
+    torch.manual_seed(0)
+    model = build_model("dit", cfg.model, VOCAB, args.seq_len, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    schedule = LogLinearSchedule()
+    generator = torch.Generator(device=device).manual_seed(0)
+    batch = torch.randint(0, VOCAB - 1, (args.batch, args.seq_len), device=device)
+    bf16 = device.type == "cuda"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
+    times = []
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = _step_fn(model, batch, schedule, generator, autocast)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step = statistics.median(times)
+    tokens = args.batch * args.seq_len
+    flops = flops_per_token(cfg.model, VOCAB, args.seq_len, "dit") * tokens / step
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    peak = measured_matmul_peak(device, dtype, args.matmul_size, 10)
+    out = {"device": str(device), "threads": torch.get_num_threads(), "step_s": step, "tokens_per_s": tokens / step,
+           "achieved_gflops": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "fraction_of_matmul_peak": flops / peak}
+    if device.type == "cuda":
+        out["mfu_vs_datasheet"] = flops / (args.peak_tflops * 1e12)
+    return out
+
+
+def _ranked_step_time(args, mode: str) -> float:
+    """Median step time on this rank: ``ddp`` (plain torch) or ``zero{1,2,3}`` (DeepSpeed)."""
+    import torch.distributed as dist
+
+    from edlm_dist.parallel.runtime import init_parallel
+
+    stage = int(mode[-1]) if mode.startswith("zero") else 0
+    cfg = _config(args, [f"train.zero_stage={stage}", "train.grad_clip=0"])
+    ctx = init_parallel(cfg)
+    torch.manual_seed(0)
+    model = build_model("dit", cfg.model, VOCAB, args.seq_len)
+    if mode == "ddp":
+        engine = torch.nn.parallel.DistributedDataParallel(model)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    else:
+        from edlm_dist.parallel.engine import build_engine
+
+        engine, optimizer, _ = build_engine(model, cfg, ctx.dp_size)
+    schedule = LogLinearSchedule()
+    generator = torch.Generator().manual_seed(ctx.rank)
+    batch = torch.randint(0, VOCAB - 1, (args.batch, args.seq_len))
+    times = []
+    for i in range(args.warmup + args.steps):
+        dist.barrier()
+        start = time.perf_counter()
+        loss = _step_fn(engine, batch, schedule, generator, torch.autocast("cpu", enabled=False))
+        if mode == "ddp":
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            engine.backward(loss)
+            engine.step()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def zero_vs_ddp(args) -> dict:
+    from edlm_dist.parallel.spawn import run_on_ranks
+
+    results = {}
+    for mode in ("ddp", "zero1", "zero2", "zero3"):
+        results[mode] = max(run_on_ranks(_ranked_step_time, args.world, args, mode, timeout=900))
+    return {mode: {"step_s": value, "ratio_vs_ddp": value / results["ddp"]} for mode, value in results.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--cond", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--matmul-size", type=int, default=1024)
+    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--skip-zero", action="store_true")
+    args = parser.parse_args()
+    one = single_process(args)
+    print(f"model: DiT hidden={args.hidden} blocks={args.blocks} heads={args.heads} seq_len={args.seq_len} "
+          f"batch={args.batch} vocab={VOCAB}")
+    for key, value in one.items():
+        print(f"  {key:>26}: {value:.4g}" if isinstance(value, float) else f"  {key:>26}: {value}")
+    if not args.skip_zero and not torch.cuda.is_available():
+        print(f"step time on {args.world} ranks (gloo, median of {args.steps}):")
+        for mode, row in zero_vs_ddp(args).items():
+            print(f"  {mode:>6}: {row['step_s'] * 1e3:8.1f} ms   x{row['ratio_vs_ddp']:.3f} of plain torch DDP")
+
+
+if __name__ == "__main__":
+    main()

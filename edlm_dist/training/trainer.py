@@ -35,6 +35,17 @@ REQUEUE_EXIT_CODE = 3  # `edlm train` exits with this after a preemption checkpo
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preemption / time limit
 
 
+# Dense bf16 datasheet peaks (TFLOP/s) for the MFU figure in the logs on GPU.
+DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
+
+
+def datasheet_peak_tflops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in DATASHEET_BF16_TFLOPS.items() if key in name), None)
+
+
 class Preempted(Exception):
     """A preemption signal arrived; a checkpoint of the last completed step was written."""
 
@@ -214,7 +225,7 @@ class Trainer:
                    disable=not (self.ctx.is_main and self.cfg.logging.progress), dynamic_ncols=True)
         tokens_per_step = cfg.global_batch * self.objective.tokens_per_row(self.cfg.data.seq_len)
         last: dict = {}
-        tick = time.perf_counter()
+        tick, tick_step = time.perf_counter(), self.step
         while self.step < target:
             losses = [self._micro_step(next(batches))[0] for _ in range(self.accumulation)]
             self.step += 1
@@ -222,10 +233,11 @@ class Trainer:
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == target:
                 elapsed = time.perf_counter() - tick
-                last = self._step_metrics(torch.stack(losses).mean(), elapsed, tokens_per_step)
+                last = self._step_metrics(torch.stack(losses).mean(), elapsed / (self.step - tick_step),
+                                          tokens_per_step)
                 self.metrics.log(last, self.step, console=False)
                 bar.set_postfix(loss=f"{last['loss']:.4f}")
-                tick = time.perf_counter()
+                tick, tick_step = time.perf_counter(), self.step
             if self.step % cfg.val_every == 0 or self.step == cfg.steps:
                 val = self.validate()
                 self.metrics.log({"val_loss": val}, self.step, console=False)
@@ -247,17 +259,15 @@ class Trainer:
         with gathered_parameters(self.engine.module):
             self.ema.update()
 
-    def _step_metrics(self, loss: torch.Tensor, elapsed: float, tokens_per_step: int) -> dict:
+    def _step_metrics(self, loss: torch.Tensor, seconds: float, tokens_per_step: int) -> dict:
         from edlm_dist.models.build import flops_per_token
 
-        steps = self.cfg.train.log_every if self.step % self.cfg.train.log_every == 0 else 1
-        seconds = elapsed / max(steps, 1)
         tokens_per_s = tokens_per_step / seconds
         flops = flops_per_token(self.cfg.model, self.vocab_size, self.cfg.data.seq_len, self.objective.model_kind)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None or not isinstance(grad_norm, (int, float)) and not torch.is_tensor(grad_norm):
             grad_norm = self._grad_norm
-        return {
+        metrics = {
             "loss": _mean_over(loss, self.ctx.dp_group),
             "lr": self.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -265,6 +275,10 @@ class Trainer:
             "achieved_tflops": tokens_per_s * flops / 1e12,
             "step_seconds": seconds,
         }
+        peak = datasheet_peak_tflops()
+        if peak:  # per-GPU model FLOPs utilisation against the datasheet bf16 peak
+            metrics["mfu"] = metrics["achieved_tflops"] / (peak * self.ctx.world_size)
+        return metrics
 
     @torch.no_grad()
     def validate(self) -> float:

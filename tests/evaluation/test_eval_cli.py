@@ -177,7 +177,10 @@ def test_bad_inputs_fail_with_one_line_errors_before_any_work(setup, tmp_path, m
                  progress=False)
     with pytest.raises(ConfigError, match="eval.oracle=exact needs data prepared from the synthetic language"):
         cli_main(_args(config, out, f"data.dir={tmp_path / 'text_data'}", "eval.metrics=[genppl]"))
+    import edlm_dist.sampling
+
     monkeypatch.setitem(sys.modules, "edlm_dist.sampling.cli", None)  # `edlm sample` not installed
+    monkeypatch.delattr(edlm_dist.sampling, "cli", raising=False)  # nor bound on the package by an earlier import
     with pytest.raises(ConfigError, match="eval.samples is empty"):
         cli_main(_args(config, out, "eval.samples=[]"))
     assert not out.exists()  # nothing was started or written

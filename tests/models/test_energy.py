@@ -2,38 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import CheckpointError
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import full_state_dict, load_full_state_dict
 
-V, L, B = 37, 8, 3
-
-
-def tiny(**kw) -> ModelConfig:
-    return ModelConfig(**{"hidden_size": 32, "n_blocks": 2, "n_heads": 4, "cond_dim": 16, "dropout": 0.0, **kw})
-
-
-def randomised(kind: str, cfg: ModelConfig, seed: int = 0):
-    """A model whose zero-initialised layers (final layer, head) hold random values too."""
-    torch.manual_seed(seed)
-    model = build_model(kind, cfg, V, L)
-    g = torch.Generator().manual_seed(seed + 1)
-    state = {k: (torch.randn(v.shape, generator=g) * (0.6 / math.sqrt(v.shape[-1])) if v.dim() == 2
-                 else 1.0 + 0.2 * torch.randn(v.shape, generator=g) if "norm" in k
-                 else 0.2 * torch.randn(v.shape, generator=g)) for k, v in full_state_dict(model).items()}
-    load_full_state_dict(model, state)
-    return model
-
-
-def tokens(seed: int = 5) -> torch.Tensor:
-    return torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(seed))
+from model_helpers import B, L, V, randomised, tiny, tokens  # noqa: E402
 
 
 def test_energy_is_input_independent_at_init_and_nce_gets_a_gradient():

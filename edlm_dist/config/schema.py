@@ -114,6 +114,7 @@ class SampleConfig:
     window: float = 0.2  # IS for t in [1 - window, 1]
     temperature: float = 1.0
     redraw_every_step: bool = True  # Alg. 1; False reuses x0* while nothing changes (ref. code)
+    skip_idle_is: bool = True  # redraw mode: no IS for a row whose step reveals nothing (same tokens, docs/sampling.md)
     noise_removal: bool = True
     precision: str = "float64"  # categorical sampling precision: float64 | float32 | bfloat16
     num_samples: int = 16

@@ -23,6 +23,7 @@ import torch
 from edlm_dist.errors import ConfigError, DataError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.sampling.energies import ar_energy, oracle_energy
+from edlm_dist.sampling.engine import CPU_CHUNK_TOKENS
 
 ENERGIES = ("ar", "coar", "nce", "oracle")
 MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB in float32)
@@ -31,6 +32,13 @@ MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB i
 def _chunks(n: int, rows_per_chunk: int):
     for start in range(0, n, rows_per_chunk):
         yield slice(start, min(n, start + rows_per_chunk))
+
+
+def _rows_per_chunk(device: torch.device, length: int, limit: int) -> int:
+    """Rows per energy forward: at most ``limit``; on CPU also at most CPU_CHUNK_TOKENS tokens."""
+    if device.type == "cpu":
+        limit = min(limit, max(1, CPU_CHUNK_TOKENS // max(1, length)))
+    return max(1, limit)
 
 
 class AREnergy:
@@ -53,7 +61,8 @@ class AREnergy:
         """(N, L): column i >= 1 = log p_AR(x0^i | x0^{<i}); column 0 = 0 (unscored)."""
         n, length = x0.shape
         vocab = getattr(self.model, "vocab_size", 1)
-        rows = self.max_chunk_rows or max(1, MAX_CHUNK_ELEMENTS // max(1, length * vocab))
+        memory_limit = MAX_CHUNK_ELEMENTS // max(1, length * vocab)
+        rows = self.max_chunk_rows or _rows_per_chunk(x0.device, length, memory_limit)
         out = torch.zeros((n, length), dtype=torch.float32, device=x0.device)
         for part in _chunks(n, rows):
             log_probs = self.model.log_probs(x0[part], self.mask_id)  # (n, L, V): position i predicts i + 1
@@ -71,16 +80,17 @@ class NCEEnergy:
     """The trained energy network E_phi(x_t, x0) (spec §6.2); sigma(t) only if it was trained with it."""
 
     def __init__(self, energy_model: torch.nn.Module, *, schedule: Optional[LogLinearSchedule] = None,
-                 max_chunk_rows: int = 256):
+                 max_chunk_rows: Optional[int] = None):
         self.model = energy_model.eval()
         self.schedule = schedule or LogLinearSchedule()
         self.time_conditioning = bool(getattr(energy_model, "time_conditioning", False))
-        self.max_chunk_rows = int(max_chunk_rows)
+        self.max_chunk_rows = max_chunk_rows  # None: 256 rows, fewer on CPU (engine.CPU_CHUNK_TOKENS)
 
     @torch.no_grad()
     def __call__(self, x0, x_t, log_mu_tokens, t):
         out = torch.empty(x0.shape[0], dtype=torch.float64, device=x0.device)
-        for part in _chunks(x0.shape[0], self.max_chunk_rows):
+        rows = self.max_chunk_rows or _rows_per_chunk(x0.device, x0.shape[1], 256)
+        for part in _chunks(x0.shape[0], rows):
             sigma = self.schedule.total_noise(t[part].float()) if self.time_conditioning else None
             out[part] = self.model(x_t[part], x0[part], sigma).to(torch.float64)
         return out

@@ -12,6 +12,12 @@ One loop serves both samplers. Per step t -> s on the grid ``linspace(1, eps, T 
 Caching: a row's mu_theta is reused while the row did not change, only for ``ddpm_cache`` and a
 denoiser without time conditioning (spec §5.3); the decision is made per row, not per batch.
 
+Speed (docs/frontier.md), none of which changes a sample: the per-row, per-proposal draws are raced in
+one vectorised tensor op per chunk (each slice still filled by its own generator, so the numbers are
+those of the per-call draws); identical candidates of a row are scored once; and with
+``skip_idle_is`` a row whose step t -> s reveals no token (its reveal uniforms are drawn first, from
+the step's own stream) skips the denoiser call and the importance sampling it would throw away.
+
 Randomness: every draw uses its own generator seeded from (seed, stream, step, sample id, j), so
 sample i is the same whatever the batch size, the data-parallel layout, or which rank drew which
 proposal (distributed ≡ single rank, docs/sampling.md). No torch.distributed here: the proposal
@@ -31,18 +37,24 @@ import torch
 from edlm_dist.errors import SamplingError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import subs_log_probs
-from edlm_dist.sampling.categorical import sample_categorical
-from edlm_dist.sampling.energies import log_mu_at_candidates
-from edlm_dist.sampling.importance import (
-    effective_sample_size,
-    log_importance_weights,
-    posterior_step_from_x0,
-    resample_index,
+from edlm_dist.sampling.categorical import DEFAULT_MAX_CHUNK_ELEMENTS, sample_categorical
+from edlm_dist.sampling.importance import effective_sample_size, log_importance_weights
+from edlm_dist.sampling.mdlm import (
+    UPDATES,
+    check_move_chances,
+    per_row_values,
+    move_chances,
+    noise_removal,
+    reveal_probs,
+    sampling_timesteps,
 )
-from edlm_dist.sampling.mdlm import UPDATES, ddpm_update, move_chances, noise_removal, sampling_timesteps
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SAMPLERS = ("mdlm", "edlm")
+
+# On CPU, model forwards over at most 1024 tokens (rows * L) keep the small demo models' activations in
+# cache: EDLM-AR (k=8) samples 1.3x faster than with one 256 x 32-token energy forward (docs/frontier.md).
+CPU_CHUNK_TOKENS = 1024
 
 # Random streams: one generator per (seed, stream, step, sample id, proposal j).
 STREAM_PROPOSAL, STREAM_RESAMPLE, STREAM_STEP = 1, 2, 3
@@ -89,6 +101,7 @@ class SamplerSettings:
     precision: str = "float64"
     seed: int = 1
     eps: float = 1e-5
+    skip_idle_is: bool = True  # EDLM, redraw mode: no IS/denoiser for a row whose step reveals nothing
 
     def __post_init__(self) -> None:
         checks = [
@@ -108,7 +121,7 @@ class SamplerSettings:
     @classmethod
     def from_config(cls, sample_cfg) -> "SamplerSettings":
         names = ("sampler", "update", "steps", "k", "window", "temperature", "redraw_every_step", "noise_removal",
-                 "precision", "seed")
+                 "precision", "seed", "skip_idle_is")
         return cls(**{name: getattr(sample_cfg, name) for name in names})
 
     @property
@@ -132,8 +145,10 @@ class ModelDenoiser:
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = self.schedule.total_noise(t.to(device=x_t.device, dtype=torch.float32))
-        logits = self.model(x_t, sigma, gather_logits=True)[..., : self.vocab_size]
-        return subs_log_probs(logits, x_t, self.mask_id)
+        rows = max(1, CPU_CHUNK_TOKENS // x_t.shape[1]) if x_t.device.type == "cpu" else x_t.shape[0]
+        parts = [self.model(x_t[i : i + rows], sigma[i : i + rows], gather_logits=True)[..., : self.vocab_size]
+                 for i in range(0, x_t.shape[0], rows)]
+        return subs_log_probs(parts[0] if len(parts) == 1 else torch.cat(parts), x_t, self.mask_id)
 
 
 class Proposals(Protocol):
@@ -167,6 +182,8 @@ class SampleBatch:
     tokens: torch.Tensor  # (B, L)
     nfe: int = 0  # batched denoiser calls, noise removal included
     energy_evaluations: int = 0  # candidate energies computed on THIS rank
+    energy_rows: int = 0  # rows sent to the energy function (identical candidates of a row count once)
+    idle_skips: int = 0  # (row, step) pairs whose IS was skipped because the step revealed nothing
     ess_per_step: list = field(default_factory=list)  # mean ESS over the rows that ran IS, None elsewhere
     row_ess_sum: Optional[torch.Tensor] = None  # (B,) float64 sum of ESS over a row's IS steps
     row_is_steps: Optional[torch.Tensor] = None  # (B,) number of IS steps per row
@@ -179,45 +196,134 @@ class SampleBatch:
         return torch.where(counts > 0, self.row_ess_sum / counts.clamp_min(1), torch.full_like(counts, float("nan")))
 
 
+MAX_RACE_ELEMENTS = DEFAULT_MAX_CHUNK_ELEMENTS  # elements of one vectorised noise tensor (256 MiB in float64)
+
+
+def _fill_from_streams(out: torch.Tensor, seeds: Sequence[int], distribution: str) -> torch.Tensor:
+    """Slice n of ``out`` gets the numbers a fresh generator seeded ``seeds[n]`` draws for a tensor of the
+    slice's shape (a contiguous slice is filled like a new tensor; the per-row reference test checks it)."""
+    generator = torch.Generator(device=out.device)
+    for n, seed in enumerate(seeds):
+        generator.manual_seed(seed)
+        if distribution == "exponential":
+            out[n].exponential_(generator=generator)
+        else:
+            out[n].uniform_(0.0, 1.0, generator=generator)
+    return out
+
+
+def stream_categorical(probs: torch.Tensor, seeds: Sequence[int], dtype: torch.dtype,
+                       index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Draw n = ``sample_categorical(probs[index[n]], generator=<fresh, seeded seeds[n]>, dtype=dtype)`` for
+    every n, -> (N, ...) long; one race per chunk of slices instead of N Python-level calls.
+
+    ``probs`` is (R, ..., V); ``index`` (N,) picks the row of each draw (default: draw n uses row n).
+    """
+    index = torch.arange(probs.shape[0], device=probs.device) if index is None else index.to(probs.device)
+    per_draw = probs[0].numel()
+    out = torch.empty((len(seeds), *probs.shape[1:-1]), dtype=torch.long, device=probs.device)
+    if per_draw > DEFAULT_MAX_CHUNK_ELEMENTS:  # sample_categorical would split one draw: keep its exact calls
+        for n, seed in enumerate(seeds):
+            generator = torch.Generator(device=probs.device).manual_seed(seed)
+            out[n] = sample_categorical(probs[index[n]], generator=generator, dtype=dtype)
+        return out
+    per_chunk = max(1, MAX_RACE_ELEMENTS // per_draw)
+    for start in range(0, len(seeds), per_chunk):
+        stop = min(len(seeds), start + per_chunk)
+        noise = torch.empty((stop - start, *probs.shape[1:]), dtype=dtype, device=probs.device)
+        _fill_from_streams(noise, seeds[start:stop], "exponential").clamp_min_(torch.finfo(dtype).tiny)
+        out[start:stop] = (probs[index[start:stop]].to(dtype) / noise).argmax(dim=-1)  # categorical.py's race
+    return out
+
+
+def _reveal_mask(x: torch.Tensor, seeds: Sequence[int], move_t, move_s, mask_id: int) -> torch.Tensor:
+    """(B, L) positions that q(x_s | x_t, x0*) reveals: the uniforms and the test of
+    ``importance.posterior_step_from_x0`` row by row (same generator per row), independent of x0*."""
+    batch = x.shape[0]
+    move_t = per_row_values(move_t, batch, dtype=torch.float64, device=x.device)
+    move_s = per_row_values(move_s, batch, dtype=torch.float64, device=x.device)
+    check_move_chances(move_t, move_s)
+    u = _fill_from_streams(torch.empty(x.shape, dtype=torch.float64, device=x.device), seeds, "uniform")
+    return (x == mask_id) & (u < (move_t - move_s) / move_t)
+
+
+def _ddpm_rows(log_mu: torch.Tensor, x: torch.Tensor, move_t, move_s, seeds: Sequence[int], mask_id: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """``mdlm.ddpm_update`` of each row with its own generator (q(x_s | x_t, mu_theta), Eq. 5), in row
+    chunks that bound the (rows, L, V) float64 copy."""
+    out = torch.empty_like(x)
+    per_chunk = max(1, MAX_RACE_ELEMENTS // log_mu[0].numel())
+    for start in range(0, x.shape[0], per_chunk):
+        part = slice(start, min(x.shape[0], start + per_chunk))
+        q = reveal_probs(log_mu[part].to(dtype).exp(), x[part], move_t, move_s, mask_id)
+        draw = stream_categorical(q, seeds[part], dtype)
+        out[part] = torch.where(x[part] != mask_id, x[part], draw)
+    return out
+
+
+def _draw_candidates(log_mu: torch.Tensor, x: torch.Tensor, rows: list[int], ids: list[int], owned: range,
+                     step: int, settings: SamplerSettings, mask_id: int) -> torch.Tensor:
+    """(R, |owned|, L) proposals x0^(j) ~ p_theta(x0 | x_t) (Alg. 1 line 6): the mask token is never
+    proposed, unmasked positions are carried over. Proposal j of row b comes from the generator (seed,
+    PROPOSAL, step, sample id, j), on whichever rank owns j, so the pool does not depend on the layout."""
+    length, count, dtype = x.shape[1], len(owned), settings.dtype
+    candidates = torch.empty((len(rows), count, length), dtype=torch.long, device=x.device)
+    per_chunk = max(1, MAX_RACE_ELEMENTS // (log_mu[0].numel() * max(1, count)))  # rows per chunk
+    for start in range(0, len(rows), per_chunk):
+        part = rows[start : start + per_chunk]
+        probs = log_mu[part].to(dtype).exp()
+        probs[..., mask_id] = 0.0
+        seeds = [stream_seed(settings.seed, STREAM_PROPOSAL, step, ids[b], j) for b in part for j in owned]
+        index = torch.arange(len(part), device=x.device).repeat_interleave(count)
+        draws = stream_categorical(probs, seeds, dtype, index).view(len(part), count, length)
+        x_part = x[part].unsqueeze(1)
+        candidates[start : start + len(part)] = torch.where(x_part != mask_id, x_part, draws)
+    return candidates
+
+
+def _score_unique(log_mu: torch.Tensor, x: torch.Tensor, rows: list[int], candidates: torch.Tensor, t: float,
+                  energy_fn: EnergyFn) -> tuple[torch.Tensor, int]:
+    """(R, k') float64 energies of the candidates, each distinct (row, x0) scored once.
+
+    Late in sampling few positions are masked and a row's k proposals often coincide; an energy is a
+    function of (x0, x_t, log mu_theta(x0 | x_t), t), all equal for equal candidates of one row.
+    Returns the energies and the number of rows the energy function saw.
+    """
+    num_rows, count, length = candidates.shape
+    device = candidates.device
+    owner = torch.arange(num_rows, device=device).repeat_interleave(count)
+    keyed = torch.cat([owner[:, None], candidates.reshape(-1, length)], dim=1)
+    unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+    rows_t = torch.tensor(rows, device=device)[unique[:, 0]]  # batch row of each unique candidate
+    x0 = unique[:, 1:].contiguous()
+    log_mu_tokens = log_mu[rows_t[:, None], torch.arange(length, device=device)[None, :], x0]  # (U, L)
+    times = torch.full((x0.shape[0],), t, dtype=torch.float32, device=device)
+    energies = energy_fn(x0, x[rows_t], log_mu_tokens, times)
+    if energies.numel() != x0.shape[0]:
+        raise SamplingError(f"the energy function returned {energies.numel()} values for {x0.shape[0]} "
+                            "candidates; it must return one energy per candidate row")
+    return energies.detach().to(torch.float64).reshape(-1)[inverse].reshape(num_rows, count), x0.shape[0]
+
+
 def _importance_select(log_mu: torch.Tensor, x: torch.Tensor, rows: list[int], ids: list[int], step: int, t: float,
                        settings: SamplerSettings, energy_fn: EnergyFn, proposals: Proposals, mask_id: int):
     """Alg. 1 lines 6-10 for the given rows: proposals, energies, weights, one chosen x0* per row.
 
-    Proposal j of a row always comes from the generator (seed, PROPOSAL, step, sample id, j), on
-    whichever rank owns j, so the pool does not depend on the rank layout.
-    """
-    length, k, dtype, device = x.shape[1], settings.k, settings.dtype, x.device
-    owned = proposals.owned(k)
-    candidates = torch.empty((len(rows), len(owned), length), dtype=torch.long, device=device)
-    for r, b in enumerate(rows):
-        probs = log_mu[b].to(dtype).exp()
-        probs[:, mask_id] = 0.0  # the mask token is never proposed
-        carried = x[b] != mask_id
-        for jj, j in enumerate(owned):
-            generator = stream_generator(device, settings.seed, STREAM_PROPOSAL, step, ids[b], j)
-            draw = sample_categorical(probs, generator=generator, dtype=dtype)
-            candidates[r, jj] = torch.where(carried, x[b], draw)
-    rows_t = torch.tensor(rows, device=device)
+    Returns (chosen (R, L), ESS (R,), rows the energy function saw)."""
+    owned = proposals.owned(settings.k)
+    candidates = _draw_candidates(log_mu, x, rows, ids, owned, step, settings, mask_id)
+    energy_rows = 0
     if len(owned):
-        flat = candidates.reshape(-1, length)
-        x_t = x[rows_t].repeat_interleave(len(owned), dim=0)
-        log_mu_tokens = log_mu_at_candidates(log_mu[rows_t], flat, len(owned))
-        times = torch.full((flat.shape[0],), t, dtype=torch.float32, device=device)
-        energies = energy_fn(flat, x_t, log_mu_tokens, times)
-        if energies.numel() != flat.shape[0]:
-            raise SamplingError(f"the energy function returned {energies.numel()} values for {flat.shape[0]} "
-                                "candidates; it must return one energy per candidate row")
-        energies = energies.detach().to(torch.float64).reshape(len(rows), len(owned))
+        energies, energy_rows = _score_unique(log_mu, x, rows, candidates, t, energy_fn)
     else:  # more ranks than proposals: this rank only takes part in the exchange
-        energies = torch.empty((len(rows), 0), dtype=torch.float64, device=device)
-    energies, candidates = proposals.gather(energies, candidates, k, x[rows_t])
+        energies = torch.empty((len(rows), 0), dtype=torch.float64, device=x.device)
+    energies, candidates = proposals.gather(energies, candidates, settings.k, x[rows])
     log_w = log_importance_weights(energies, settings.temperature)  # raises on NaN/Inf energies
-    chosen = torch.empty((len(rows), length), dtype=torch.long, device=device)
-    for r, b in enumerate(rows):
-        generator = stream_generator(device, settings.seed, STREAM_RESAMPLE, step, ids[b])
-        index = int(resample_index(log_w[r : r + 1], generator=generator)[0])
-        chosen[r] = candidates[r, index]
-    return chosen, effective_sample_size(log_w)
+    # importance.resample_index per row, each with its own (seed, RESAMPLE, step, id) generator.
+    seeds = [stream_seed(settings.seed, STREAM_RESAMPLE, step, ids[b]) for b in rows]
+    index = stream_categorical(log_w.to(torch.float64).exp(), seeds, torch.float64)
+    chosen = candidates[torch.arange(len(rows), device=x.device), index.to(x.device)]
+    return chosen, effective_sample_size(log_w), energy_rows
 
 
 @torch.no_grad()
@@ -263,6 +369,8 @@ def sample_batch(
     use_cache = settings.update == "ddpm_cache" and not getattr(denoiser, "time_conditioning", False)
     edlm = settings.sampler == "edlm"
     reuse = edlm and not settings.redraw_every_step
+    # A reused x0* is followed until a change, so skipping would change which pool is drawn: redraw only.
+    skip_idle = edlm and settings.skip_idle_is and not reuse
 
     out = SampleBatch(tokens=x, row_ess_sum=torch.zeros(batch, dtype=torch.float64),
                       row_is_steps=torch.zeros(batch, dtype=torch.long))
@@ -277,7 +385,14 @@ def sample_batch(
         run_is = (~has_star if reuse else torch.ones(batch, dtype=torch.bool)) & in_window
         if not reuse:
             has_star.zero_()
-        need_mu = stale & ~(has_star & ~run_is)  # rows that follow a reused x0* need no denoiser call
+        step_seeds = [stream_seed(settings.seed, STREAM_STEP, i, sample_id) for sample_id in ids]
+        reveal, idle = None, torch.zeros(batch, dtype=torch.bool)
+        if skip_idle and bool(run_is.any()):  # x_s = x_t whatever x0* is: the IS would be thrown away
+            reveal = _reveal_mask(x, step_seeds, move_t, move_s, mask_id)
+            idle = run_is & ~reveal.any(dim=-1).cpu()
+            run_is &= ~idle
+            out.idle_skips += int(idle.sum())
+        need_mu = stale & ~(has_star & ~run_is) & ~idle  # rows following x0* or idle need no denoiser call
         if bool(need_mu.any()):
             rows = need_mu.nonzero().flatten().to(device)
             x_rows = x if len(rows) == batch else x[rows]
@@ -289,24 +404,28 @@ def sample_batch(
             out.nfe += 1
         if bool(run_is.any()):
             rows = run_is.nonzero().flatten().tolist()
-            chosen, ess = _importance_select(log_mu, x, rows, ids, i, t, settings, energy_fn, proposals, mask_id)
+            chosen, ess, energy_rows = _importance_select(log_mu, x, rows, ids, i, t, settings, energy_fn,
+                                                          proposals, mask_id)
             x0_star[rows] = chosen
             has_star[rows] = True
             out.energy_evaluations += len(rows) * len(proposals.owned(settings.k))
+            out.energy_rows += energy_rows
             out.row_ess_sum[rows] += ess.cpu()
             out.row_is_steps[rows] += 1
             out.ess_per_step.append(float(ess.mean()))
         else:
             out.ess_per_step.append(None)
-        x_next = torch.empty_like(x)
-        for b in range(batch):
-            generator = stream_generator(device, settings.seed, STREAM_STEP, i, ids[b])
-            if has_star[b]:  # q(x_s | x_t, x0*) (Alg. 1 line 12)
-                x_next[b] = posterior_step_from_x0(x0_star[b : b + 1], x[b : b + 1], move_t, move_s, mask_id,
-                                                   generator=generator)[0]
-            else:  # q(x_s | x_t, mu_theta) (Eq. 5)
-                x_next[b] = ddpm_update(log_mu[b : b + 1].to(dtype).exp(), x[b : b + 1], move_t, move_s, mask_id,
-                                        generator=generator, dtype=dtype)[0]
+        # Each row's draw uses its own (seed, STEP, i, id) generator, whichever branch it takes.
+        x_next = x.clone()  # idle rows: x_s = x_t
+        star = has_star.nonzero().flatten().tolist()
+        if star:  # q(x_s | x_t, x0*) (Alg. 1 line 12)
+            revealed = reveal[star] if reveal is not None else _reveal_mask(
+                x[star], [step_seeds[b] for b in star], move_t, move_s, mask_id)
+            x_next[star] = torch.where(revealed, x0_star[star], x[star])
+        plain = (~has_star & ~idle).nonzero().flatten().tolist()
+        if plain:  # q(x_s | x_t, mu_theta) (Eq. 5)
+            x_next[plain] = _ddpm_rows(log_mu[plain], x[plain], move_t, move_s, [step_seeds[b] for b in plain],
+                                       mask_id, dtype)
         changed = (x_next != x).any(dim=-1).cpu()
         stale |= changed if use_cache else torch.ones_like(stale)
         has_star &= ~changed  # a revealed token invalidates the cached x0* (reference semantics)

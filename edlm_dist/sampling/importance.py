@@ -20,7 +20,7 @@ import torch
 
 from edlm_dist.errors import SamplingError
 from edlm_dist.sampling.categorical import sample_categorical
-from edlm_dist.sampling.mdlm import _check_move_chances, _per_row
+from edlm_dist.sampling.mdlm import check_move_chances, per_row_values
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -72,9 +72,9 @@ def posterior_step_from_x0(
     and stays masked otherwise; unmasked positions keep x_t.
     """
     batch = x_t.shape[0]
-    move_t = _per_row(move_t, batch, dtype=torch.float64, device=x_t.device)
-    move_s = _per_row(move_s, batch, dtype=torch.float64, device=x_t.device)
-    _check_move_chances(move_t, move_s)
+    move_t = per_row_values(move_t, batch, dtype=torch.float64, device=x_t.device)
+    move_s = per_row_values(move_s, batch, dtype=torch.float64, device=x_t.device)
+    check_move_chances(move_t, move_s)
     u = torch.rand(x_t.shape, generator=generator, dtype=torch.float64, device=x_t.device)
     reveal = (x_t == mask_id) & (u < (move_t - move_s) / move_t)
     return torch.where(reveal, x0_star, x_t)

@@ -28,7 +28,7 @@ def sampling_timesteps(
     return torch.linspace(1.0, eps, steps + 1, dtype=dtype, device=device)
 
 
-def _per_row(value, batch: int, *, dtype: torch.dtype, device) -> torch.Tensor:
+def per_row_values(value, batch: int, *, dtype: torch.dtype, device) -> torch.Tensor:
     """A float, 0-dim tensor or (B,) tensor as a (B, 1) column (one value per batch row)."""
     value = torch.as_tensor(value, dtype=dtype, device=device)
     if value.dim() == 0:
@@ -38,7 +38,7 @@ def _per_row(value, batch: int, *, dtype: torch.dtype, device) -> torch.Tensor:
     return value[:, None]
 
 
-def _check_move_chances(move_t: torch.Tensor, move_s: torch.Tensor) -> None:
+def check_move_chances(move_t: torch.Tensor, move_s: torch.Tensor) -> None:
     if bool((move_t <= 0).any() | (move_s < 0).any() | (move_s > move_t).any()):
         raise SamplingError(
             "move chances must satisfy 0 <= move_s <= move_t and move_t > 0 (s is the later, less noisy time); "
@@ -74,9 +74,9 @@ def reveal_probs(
     """
     batch = p_x0.shape[0]
     dtype = torch.promote_types(p_x0.dtype, torch.float32)
-    move_t = _per_row(move_t, batch, dtype=dtype, device=p_x0.device)
-    move_s = _per_row(move_s, batch, dtype=dtype, device=p_x0.device)
-    _check_move_chances(move_t, move_s)
+    move_t = per_row_values(move_t, batch, dtype=dtype, device=p_x0.device)
+    move_s = per_row_values(move_s, batch, dtype=dtype, device=p_x0.device)
+    check_move_chances(move_t, move_s)
     stay = (move_s / move_t)[:, :, None]  # (B, 1, 1)
     q = p_x0.to(dtype) * (1.0 - stay)
     q[..., mask_id] = stay[:, :, 0]

@@ -7,6 +7,8 @@ The denoiser is a fixed factorised stub, so every expectation is a closed form o
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 
 import pytest
@@ -190,18 +192,24 @@ def test_samples_do_not_depend_on_the_batch_split():
 
 def test_window_and_ess_bookkeeping():
     """window 0.5 on T = 4 (t = 1, .75, .5, .25): IS at the first three steps. Constant energies give
-    uniform weights, so ESS = k exactly; the first step (t = 1) is IS even for window 0."""
+    uniform weights, so ESS = k exactly; the first step (t = 1) is IS even for window 0. ``skip_idle_is`` off:
+    every window step runs IS; on, a row-step that reveals nothing is counted as skipped instead."""
     k, steps = 5, 4
 
     def flat(x0, x_t, log_mu_tokens, t):
         return torch.full((x0.shape[0],), 2.5, dtype=torch.float64)
 
-    settings = SamplerSettings(sampler="edlm", steps=steps, k=k, window=0.5)
+    settings = SamplerSettings(sampler="edlm", steps=steps, k=k, window=0.5, skip_idle_is=False)
     out = sample_batch(StubDenoiser(MU), settings, range(3), length=2, mask_id=MASK, energy_fn=flat)
+    skipping = sample_batch(StubDenoiser(MU), dataclasses.replace(settings, skip_idle_is=True), range(3), length=2,
+                            mask_id=MASK, energy_fn=flat)
+    assert torch.equal(skipping.tokens, out.tokens) and skipping.idle_skips > 0
+    assert int(skipping.row_is_steps.sum()) + skipping.idle_skips == 3 * 3
     assert out.ess_per_step[3] is None and all(abs(v - k) < 1e-9 for v in out.ess_per_step[:3])
     assert out.energy_evaluations == 3 * 3 * k
     assert torch.allclose(out.row_mean_ess, torch.full((3,), float(k), dtype=torch.float64))
-    zero = sample_batch(StubDenoiser(MU), SamplerSettings(sampler="edlm", steps=steps, k=k, window=0.0), range(3),
+    zero = sample_batch(StubDenoiser(MU), SamplerSettings(sampler="edlm", steps=steps, k=k, window=0.0,
+                                                          skip_idle_is=False), range(3),
                         length=2, mask_id=MASK, energy_fn=flat)
     assert [v is not None for v in zero.ess_per_step] == [True, False, False, False]
     # ESS of non-uniform weights: 1 / sum w^2 with w = softmax(-E) of the 9-entry table -> k = 1 gives 1.
@@ -213,7 +221,8 @@ def test_reuse_runs_is_only_after_a_change_and_redraw_runs_it_every_step():
 
     k, steps = 2, 40
     start = torch.full((1, 2), MASK)
-    redraw = sample_batch(StubDenoiser(MU), SamplerSettings(sampler="edlm", steps=steps, k=k, window=1.0, seed=2),
+    redraw = sample_batch(StubDenoiser(MU), SamplerSettings(sampler="edlm", steps=steps, k=k, window=1.0, seed=2,
+                                                            skip_idle_is=False),
                           [0], length=2, mask_id=MASK, energy_fn=table_energy)
     assert redraw.energy_evaluations == k * steps
     reuse = sample_batch(StubDenoiser(MU), SamplerSettings(sampler="edlm", steps=steps, k=k, window=1.0, seed=2,

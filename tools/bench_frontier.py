@@ -1,9 +1,9 @@
 """Quality/speed frontier of EDLM vs MDLM on trained models, and the speed-up at equal quality.
 
-    OMP_NUM_THREADS=1 python3 tools/bench_frontier.py --runs /tmp/demo1 --json /tmp/frontier.json  # docs/frontier.md
-    python3 tools/bench_frontier.py --runs /tmp/demo1 --from-json /tmp/frontier.json    # tables + plot again
-    python3 tools/bench_frontier.py --runs /tmp/demo1 --profile ar:8:1.0:16              # cProfile one EDLM setting
-    python3 tools/bench_frontier.py --runs /tmp/demo1 --profile ar:8:1.0:16 --code /tmp/edlm_before  # older code
+    OMP_NUM_THREADS=1 python3 tools/bench_frontier.py --runs runs/demo --json runs/frontier.json  # docs/frontier.md
+    python3 tools/bench_frontier.py --runs runs/demo --from-json runs/frontier.json    # tables + plot again
+    python3 tools/bench_frontier.py --runs runs/demo --profile ar:8:1.0:16              # cProfile one EDLM setting
+    python3 tools/bench_frontier.py --runs runs/demo --profile ar:8:1.0:16 --code runs/edlm_before  # older code
 
 ``--runs`` is the ``--out`` folder of ``edlm pipeline`` (``mdlm/``, ``ar/``, ``nce/`` inside; the data must be
 the synthetic language, so Gen PPL is exact: exp of the oracle's NLL per scored token, token-weighted).

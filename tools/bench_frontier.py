@@ -304,8 +304,11 @@ def plot(results: dict, data_ppl: float, path: Path) -> None:
     rows = math.ceil(len(kinds) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.0 * rows), sharex=True, sharey=True, squeeze=False)
     mdlm = _curve(results["mdlm"], None)
+    mdlm_label = f"MDLM, T = {min(results['mdlm'])}..{max(results['mdlm'])}"
+    for ax in axes.flat[len(kinds):]:
+        ax.set_visible(False)
     for ax, kind in zip(axes.flat, kinds):
-        ax.plot([t for _, t, _ in mdlm], [p for _, _, p in mdlm], "k-o", lw=2, ms=3, label="MDLM, T = 4..1024")
+        ax.plot([t for _, t, _ in mdlm], [p for _, _, p in mdlm], "k-o", lw=2, ms=3, label=mdlm_label)
         for k, w in sorted({(k, w) for (e, k, w, _) in results["edlm"] if e == kind}):
             rows = {s: r for (e, kk, ww, s), r in results["edlm"].items() if (e, kk, ww) == (kind, k, w)}
             points = _curve(rows, None)

@@ -23,7 +23,7 @@ import torch
 from edlm_dist.errors import ConfigError, DataError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.sampling.energies import ar_energy, oracle_energy
-from edlm_dist.sampling.engine import CPU_CHUNK_TOKENS
+from edlm_dist.sampling.engine import rows_per_forward
 
 ENERGIES = ("ar", "coar", "nce", "oracle")
 MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB in float32)
@@ -32,13 +32,6 @@ MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB i
 def _chunks(n: int, rows_per_chunk: int):
     for start in range(0, n, rows_per_chunk):
         yield slice(start, min(n, start + rows_per_chunk))
-
-
-def _rows_per_chunk(device: torch.device, length: int, limit: int) -> int:
-    """Rows per energy forward: at most ``limit``; on CPU also at most CPU_CHUNK_TOKENS tokens."""
-    if device.type == "cpu":
-        limit = min(limit, max(1, CPU_CHUNK_TOKENS // max(1, length)))
-    return max(1, limit)
 
 
 class AREnergy:
@@ -62,7 +55,7 @@ class AREnergy:
         n, length = x0.shape
         vocab = getattr(self.model, "vocab_size", 1)
         memory_limit = MAX_CHUNK_ELEMENTS // max(1, length * vocab)
-        rows = self.max_chunk_rows or _rows_per_chunk(x0.device, length, memory_limit)
+        rows = self.max_chunk_rows or rows_per_forward(x0.device, length, memory_limit)
         out = torch.zeros((n, length), dtype=torch.float32, device=x0.device)
         for part in _chunks(n, rows):
             log_probs = self.model.log_probs(x0[part], self.mask_id)  # (n, L, V): position i predicts i + 1
@@ -89,7 +82,7 @@ class NCEEnergy:
     @torch.no_grad()
     def __call__(self, x0, x_t, log_mu_tokens, t):
         out = torch.empty(x0.shape[0], dtype=torch.float64, device=x0.device)
-        rows = self.max_chunk_rows or _rows_per_chunk(x0.device, x0.shape[1], 256)
+        rows = self.max_chunk_rows or rows_per_forward(x0.device, x0.shape[1], 256)
         for part in _chunks(x0.shape[0], rows):
             sigma = self.schedule.total_noise(t[part].float()) if self.time_conditioning else None
             out[part] = self.model(x_t[part], x0[part], sigma).to(torch.float64)

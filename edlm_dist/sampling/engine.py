@@ -56,6 +56,13 @@ SAMPLERS = ("mdlm", "edlm")
 # cache: EDLM-AR (k=8) samples 1.3x faster than with one 256 x 32-token energy forward (docs/frontier.md).
 CPU_CHUNK_TOKENS = 1024
 
+
+def rows_per_forward(device: torch.device, length: int, limit: int) -> int:
+    """Rows per model forward: at most ``limit``; on CPU also at most CPU_CHUNK_TOKENS tokens."""
+    if device.type == "cpu":
+        limit = min(limit, CPU_CHUNK_TOKENS // max(1, length))
+    return max(1, limit)
+
 # Random streams: one generator per (seed, stream, step, sample id, proposal j).
 STREAM_PROPOSAL, STREAM_RESAMPLE, STREAM_STEP = 1, 2, 3
 
@@ -145,7 +152,7 @@ class ModelDenoiser:
     @torch.no_grad()
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         sigma = self.schedule.total_noise(t.to(device=x_t.device, dtype=torch.float32))
-        rows = max(1, CPU_CHUNK_TOKENS // x_t.shape[1]) if x_t.device.type == "cpu" else x_t.shape[0]
+        rows = rows_per_forward(x_t.device, x_t.shape[1], x_t.shape[0])
         parts = [self.model(x_t[i : i + rows], sigma[i : i + rows], gather_logits=True)[..., : self.vocab_size]
                  for i in range(0, x_t.shape[0], rows)]
         return subs_log_probs(parts[0] if len(parts) == 1 else torch.cat(parts), x_t, self.mask_id)

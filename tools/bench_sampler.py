@@ -11,6 +11,8 @@ distributed proposal sampler on gloo ranks.
    Strong scaling: fixed k (``--strong-k``) on 1 vs 2 ranks (speedup t_1 / t_2, ideal 2).
    Every rank holds the same x_t and runs the same denoiser call; only the proposals and their
    energies are split, so the denoiser share of a step does not shrink (docs/sampling.md).
+   Control: P independent k=2 samplers run side by side (no communication). t_1 / t_control is what the
+   machine alone loses when P processes share it; t_control / t_P is what the distributed sampler loses.
 Prints Markdown tables (tests never time things).
 """
 
@@ -115,15 +117,82 @@ def _rank_timing(source, k, proposal_parallel, steps, samples, batch) -> tuple[f
     return timing["seconds"], timing["cpu_seconds"]
 
 
-def _distributed(source, ranks, k, args) -> tuple[float, float]:
-    """(wall, CPU) seconds per sample: the slowest rank of a run, the fastest of ``--repeats`` runs (on a
-    shared machine the fastest repeat is the least disturbed). CPU time excludes waiting for peers."""
+def _distributed(source, ranks, k, args, proposal_parallel=None) -> tuple[float, float]:
+    """(wall, CPU) seconds per sample of one run: the slowest rank. CPU time excludes waiting for peers.
+    ``proposal_parallel=1`` makes every rank an independent single-rank sampler (no communication)."""
     from edlm_dist.parallel.spawn import run_on_ranks
 
-    runs = [max(run_on_ranks(_rank_timing, ranks, source, k, ranks, args.dist_steps, args.dist_samples,
-                             args.dist_batch, timeout=600))
-            for _ in range(args.repeats)]
-    return min(runs)
+    size = ranks if proposal_parallel is None else proposal_parallel
+    return max(run_on_ranks(_rank_timing, ranks, source, k, size, args.dist_steps, args.dist_samples,
+                            args.dist_batch, timeout=600))
+
+
+def _allgather_ms(length: int, k: int, calls: int = 2000) -> tuple[float, float]:
+    """(wall, CPU) ms of one proposal all-gather (one IS step's buffer at batch 1) on the current group."""
+    import torch.distributed as dist
+
+    from edlm_dist.config.load import load_config
+    from edlm_dist.parallel.runtime import init_parallel
+
+    ctx = init_parallel(load_config(None, ["train.global_batch=8", "train.micro_batch=1"]))
+    buffer = torch.zeros(2 + k * (length + 1), dtype=torch.float64)
+    parts = [torch.empty_like(buffer) for _ in range(ctx.world_size)]
+    for _ in range(100):
+        dist.all_gather(parts, buffer)
+    tick, cpu_tick = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        dist.all_gather(parts, buffer)
+    return (time.perf_counter() - tick) / calls * 1e3, (time.process_time() - cpu_tick) / calls * 1e3
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+
+
+def _scaling(source, seq_len: int, args) -> None:
+    """Every repeat measures every row back to back, so each ratio compares runs taken close in time;
+    the table gives the median and [min–max] of the ratios over the repeats."""
+    from edlm_dist.parallel.spawn import run_on_ranks
+
+    rows = [("weak", 1, 2, None)]
+    for p in args.ranks:
+        rows += [("control", p, 2, 1), ("weak", p, 2 * p, None)]
+    rows += [("strong", 1, args.strong_k, None)] + [("strong", p, args.strong_k, None) for p in args.ranks]
+    times = {row: [] for row in rows}
+    for _ in range(args.repeats):
+        for row in rows:
+            kind, p, k, size = row
+            times[row].append(_distributed(source, p, k, args, proposal_parallel=size))
+
+    def ratios(num, den, which):
+        return [a[which] / b[which] for a, b in zip(times[num], times[den])]
+
+    print(f"\n## Distributed proposal sampler (gloo, T={args.dist_steps}, w=1, batch {args.dist_batch}; seconds per "
+          f"sample: median over samples, slowest rank; median [min–max] over {args.repeats} repeats)\n")
+    print("| row | ranks | k | wall s/sample | CPU s/sample/rank | wall figure | CPU figure |")
+    print("|---|---|---|---|---|---|---|")
+    for row in rows:
+        kind, p, k, size = row
+        wall = _spread([t[0] for t in times[row]], 4)
+        cpu = _spread([t[1] for t in times[row]], 4)
+        base = ("weak" if kind == "control" else kind, 1, 2 if kind != "strong" else args.strong_k, None)
+        if p == 1:
+            figures = ("baseline", "baseline")
+        elif kind == "control":
+            figures = tuple(f"t1/tcontrol = {_spread(ratios(base, row, i))}" for i in (0, 1))
+        else:
+            name = "efficiency t1/tP" if kind == "weak" else "speed-up t1/tP"
+            figures = tuple(f"{name} = {_spread(ratios(base, row, i))}" for i in (0, 1))
+        label = f"control: {p} independent k=2 samplers" if kind == "control" else kind
+        print(f"| {label} | {p} | {k} | {wall} | {cpu} | {figures[0]} | {figures[1]} |")
+    for p in args.ranks:
+        control = ("control", p, 2, 1)
+        for i, what in ((0, "wall"), (1, "CPU")):
+            print(f"\nWeak scaling net of the machine ({what}, tcontrol/tP, P={p}): "
+                  f"{_spread(ratios(control, ('weak', p, 2 * p, None), i))}", end="")
+        wall, cpu = run_on_ranks(_allgather_ms, p, seq_len, 2, timeout=600)[0]
+        print(f"\nOne IS-step all-gather on {p} gloo ranks (k=2 per rank, L={seq_len}): {wall:.3f} ms wall, "
+              f"{cpu:.3f} ms CPU per call; {args.dist_steps} steps per sample.")
 
 
 def main() -> None:
@@ -140,7 +209,7 @@ def main() -> None:
     parser.add_argument("--dist-steps", type=int, default=16)
     parser.add_argument("--dist-samples", type=int, default=8)
     parser.add_argument("--dist-batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3, help="scaling runs per setting (the fastest is kept)")
+    parser.add_argument("--repeats", type=int, default=3, help="scaling repeats (every row once each)")
     parser.add_argument("--skip-scaling", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1) if not torch.cuda.is_available() else None
@@ -172,22 +241,7 @@ def main() -> None:
             print(f"| {steps} | " + " | ".join(cells) + " |")
         if args.skip_scaling:
             return
-        print(f"\n## Distributed proposal sampler (gloo, T={args.dist_steps}, w=1, batch {args.dist_batch}, "
-              f"seconds per sample: median over samples, slowest rank, fastest of {args.repeats} runs)\n")
-        rows = [("weak", 1, 2)] + [("weak", p, 2 * p) for p in args.ranks]
-        rows += [("strong", 1, args.strong_k)] + [("strong", p, args.strong_k) for p in args.ranks]
-        print("| scaling | ranks | k | wall s/sample | CPU s/sample/rank | wall figure | CPU figure |")
-        print("|---|---|---|---|---|---|---|")
-        base = {}
-        for kind, p, k in rows:
-            wall, cpu = _distributed(source, p, k, args)
-            if p == 1:
-                base[kind] = (wall, cpu)
-                print(f"| {kind} | 1 | {k} | {wall:.4f} | {cpu:.4f} | baseline | baseline |")
-                continue
-            name = "efficiency t1/tP" if kind == "weak" else "speedup t1/tP"
-            print(f"| {kind} | {p} | {k} | {wall:.4f} | {cpu:.4f} | {name} = {base[kind][0] / wall:.2f} | "
-                  f"{name} = {base[kind][1] / cpu:.2f} |")
+        _scaling(source, meta["seq_len"], args)
 
 
 if __name__ == "__main__":

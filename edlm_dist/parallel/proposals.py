@@ -28,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from edlm_dist.errors import ConfigError, SamplingError
-from edlm_dist.sampling.engine import LocalProposals, state_hash
+from edlm_dist.sampling.engine import LocalProposals
+from edlm_dist.sampling.streams import state_hash
 
 
 def proposal_split(k: int, size: int) -> list[range]:

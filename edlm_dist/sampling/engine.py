@@ -27,8 +27,6 @@ exchange is delegated to a ``proposals`` object (:class:`LocalProposals` or
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -37,7 +35,6 @@ import torch
 from edlm_dist.errors import SamplingError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import subs_log_probs
-from edlm_dist.sampling.categorical import DEFAULT_MAX_CHUNK_ELEMENTS, sample_categorical
 from edlm_dist.sampling.importance import effective_sample_size, log_importance_weights
 from edlm_dist.sampling.mdlm import (
     UPDATES,
@@ -47,6 +44,16 @@ from edlm_dist.sampling.mdlm import (
     noise_removal,
     reveal_probs,
     sampling_timesteps,
+)
+from edlm_dist.sampling.streams import (
+    MAX_RACE_ELEMENTS,
+    STREAM_PROPOSAL,
+    STREAM_RESAMPLE,
+    STREAM_STEP,
+    fill_from_streams,
+    state_hash,
+    stream_categorical,
+    stream_seed,
 )
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -63,8 +70,6 @@ def rows_per_forward(device: torch.device, length: int, limit: int) -> int:
         limit = min(limit, CPU_CHUNK_TOKENS // max(1, length))
     return max(1, limit)
 
-# Random streams: one generator per (seed, stream, step, sample id, proposal j).
-STREAM_PROPOSAL, STREAM_RESAMPLE, STREAM_STEP = 1, 2, 3
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x_t (B, L) long, t (B,) float) -> log mu_theta (B, L, V)`` with SUBS applied. An optional
@@ -72,25 +77,6 @@ attribute ``time_conditioning`` (default False) disables caching when True."""
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> energies (N,)``; see energy_fns.py."""
-
-
-def stream_seed(seed: int, stream: int, step: int, sample_id: int, proposal: int = 0) -> int:
-    """A 63-bit seed that depends only on its arguments (BLAKE2b of the packed tuple)."""
-    packed = struct.pack("<5Q", *(int(v) & 0xFFFFFFFFFFFFFFFF for v in (seed, stream, step, sample_id, proposal)))
-    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little") >> 1
-
-
-def stream_generator(device: torch.device, seed: int, stream: int, step: int, sample_id: int,
-                     proposal: int = 0) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    generator.manual_seed(stream_seed(seed, stream, step, sample_id, proposal))
-    return generator
-
-
-def state_hash(x: torch.Tensor) -> int:
-    """Exact fingerprint of a token tensor (for "x_t identical across ranks" checks and traces)."""
-    return int.from_bytes(hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest(),
-                          "little")
 
 
 @dataclass(frozen=True)
@@ -203,46 +189,6 @@ class SampleBatch:
         return torch.where(counts > 0, self.row_ess_sum / counts.clamp_min(1), torch.full_like(counts, float("nan")))
 
 
-MAX_RACE_ELEMENTS = DEFAULT_MAX_CHUNK_ELEMENTS  # elements of one vectorised noise tensor (256 MiB in float64)
-
-
-def _fill_from_streams(out: torch.Tensor, seeds: Sequence[int], distribution: str) -> torch.Tensor:
-    """Slice n of ``out`` gets the numbers a fresh generator seeded ``seeds[n]`` draws for a tensor of the
-    slice's shape (a contiguous slice is filled like a new tensor; the per-row reference test checks it)."""
-    generator = torch.Generator(device=out.device)
-    for n, seed in enumerate(seeds):
-        generator.manual_seed(seed)
-        if distribution == "exponential":
-            out[n].exponential_(generator=generator)
-        else:
-            out[n].uniform_(0.0, 1.0, generator=generator)
-    return out
-
-
-def stream_categorical(probs: torch.Tensor, seeds: Sequence[int], dtype: torch.dtype,
-                       index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Draw n = ``sample_categorical(probs[index[n]], generator=<fresh, seeded seeds[n]>, dtype=dtype)`` for
-    every n, -> (N, ...) long; one race per chunk of slices instead of N Python-level calls.
-
-    ``probs`` is (R, ..., V); ``index`` (N,) picks the row of each draw (default: draw n uses row n).
-    """
-    index = torch.arange(probs.shape[0], device=probs.device) if index is None else index.to(probs.device)
-    per_draw = probs[0].numel()
-    out = torch.empty((len(seeds), *probs.shape[1:-1]), dtype=torch.long, device=probs.device)
-    if per_draw > DEFAULT_MAX_CHUNK_ELEMENTS:  # sample_categorical would split one draw: keep its exact calls
-        for n, seed in enumerate(seeds):
-            generator = torch.Generator(device=probs.device).manual_seed(seed)
-            out[n] = sample_categorical(probs[index[n]], generator=generator, dtype=dtype)
-        return out
-    per_chunk = max(1, MAX_RACE_ELEMENTS // per_draw)
-    for start in range(0, len(seeds), per_chunk):
-        stop = min(len(seeds), start + per_chunk)
-        noise = torch.empty((stop - start, *probs.shape[1:]), dtype=dtype, device=probs.device)
-        _fill_from_streams(noise, seeds[start:stop], "exponential").clamp_min_(torch.finfo(dtype).tiny)
-        out[start:stop] = (probs[index[start:stop]].to(dtype) / noise).argmax(dim=-1)  # categorical.py's race
-    return out
-
-
 def _reveal_mask(x: torch.Tensor, seeds: Sequence[int], move_t, move_s, mask_id: int) -> torch.Tensor:
     """(B, L) positions that q(x_s | x_t, x0*) reveals: the uniforms and the test of
     ``importance.posterior_step_from_x0`` row by row (same generator per row), independent of x0*."""
@@ -250,7 +196,7 @@ def _reveal_mask(x: torch.Tensor, seeds: Sequence[int], move_t, move_s, mask_id:
     move_t = per_row_values(move_t, batch, dtype=torch.float64, device=x.device)
     move_s = per_row_values(move_s, batch, dtype=torch.float64, device=x.device)
     check_move_chances(move_t, move_s)
-    u = _fill_from_streams(torch.empty(x.shape, dtype=torch.float64, device=x.device), seeds, "uniform")
+    u = fill_from_streams(torch.empty(x.shape, dtype=torch.float64, device=x.device), seeds, "uniform")
     return (x == mask_id) & (u < (move_t - move_s) / move_t)
 
 

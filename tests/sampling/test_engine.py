@@ -16,8 +16,9 @@ import torch
 
 from edlm_dist.errors import SamplingError
 from edlm_dist.objectives.subs import subs_log_probs
-from edlm_dist.sampling.engine import SamplerSettings, sample_batch, stream_seed
+from edlm_dist.sampling.engine import SamplerSettings, sample_batch
 from edlm_dist.sampling.mdlm import sampling_timesteps
+from edlm_dist.sampling.streams import stream_seed
 
 MASK = 3  # real tokens 0, 1, 2
 MU = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]], dtype=torch.float64)  # mu_theta per position (L = 2)
@@ -140,7 +141,7 @@ def _changes_before_each_step(trace: list[int], start_hash: int) -> int:
 
 
 def test_cache_is_used_only_while_nothing_changed_and_never_with_time_conditioning():
-    from edlm_dist.sampling.engine import state_hash
+    from edlm_dist.sampling.streams import state_hash
 
     steps = 48
     start = torch.full((1, 2), MASK)
@@ -217,7 +218,7 @@ def test_window_and_ess_bookkeeping():
 
 
 def test_reuse_runs_is_only_after_a_change_and_redraw_runs_it_every_step():
-    from edlm_dist.sampling.engine import state_hash
+    from edlm_dist.sampling.streams import state_hash
 
     k, steps = 2, 40
     start = torch.full((1, 2), MASK)

@@ -15,12 +15,11 @@ from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.sampling.categorical import sample_categorical
 from edlm_dist.sampling.energies import log_mu_at_candidates
-from edlm_dist.sampling.engine import (
+from edlm_dist.sampling.engine import SamplerSettings, sample_batch
+from edlm_dist.sampling.streams import (
     STREAM_PROPOSAL,
     STREAM_RESAMPLE,
     STREAM_STEP,
-    SamplerSettings,
-    sample_batch,
     stream_categorical,
     stream_generator,
 )

@@ -103,13 +103,19 @@ def _seconds_per_sample(denoiser, energy, meta, settings, samples: int, batch: i
     return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu), "nfe": statistics.mean(nfe)}
 
 
-def _rank_timing(source, k, proposal_parallel, steps, samples, batch) -> tuple[float, float]:
+def _init_rank():
+    """This spawned rank's parallel context (gloo on CPU; any world size, TP 1)."""
     from edlm_dist.config.load import load_config
-    from edlm_dist.parallel.proposals import sampling_layout
     from edlm_dist.parallel.runtime import init_parallel
+
+    return init_parallel(load_config(None, ["train.global_batch=8", "train.micro_batch=1"]))
+
+
+def _rank_timing(source, k, proposal_parallel, steps, samples, batch) -> tuple[float, float]:
+    from edlm_dist.parallel.proposals import sampling_layout
     from edlm_dist.sampling.engine import SamplerSettings
 
-    ctx = init_parallel(load_config(None, ["train.global_batch=8", "train.micro_batch=1"]))
+    ctx = _init_rank()
     denoiser, energy, meta = _load(source, ctx.device)
     layout = sampling_layout(ctx, proposal_parallel, k)
     settings = SamplerSettings(sampler="edlm", steps=steps, k=k, window=1.0, seed=1)
@@ -131,10 +137,7 @@ def _allgather_ms(length: int, k: int, calls: int = 2000) -> tuple[float, float]
     """(wall, CPU) ms of one proposal all-gather (one IS step's buffer at batch 1) on the current group."""
     import torch.distributed as dist
 
-    from edlm_dist.config.load import load_config
-    from edlm_dist.parallel.runtime import init_parallel
-
-    ctx = init_parallel(load_config(None, ["train.global_batch=8", "train.micro_batch=1"]))
+    ctx = _init_rank()
     buffer = torch.zeros(2 + k * (length + 1), dtype=torch.float64)
     parts = [torch.empty_like(buffer) for _ in range(ctx.world_size)]
     for _ in range(100):

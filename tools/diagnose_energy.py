@@ -57,7 +57,7 @@ def _row_corr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", required=True, help="a finished `edlm pipeline` --out folder (mdlm/, ar/ inside)")
+    parser.add_argument("--runs", required=True, help="a finished `edlm pipeline` --out folder (mdlm/, ar/, nce/ inside)")
     parser.add_argument("--rates", type=float, nargs="+", default=[0.25, 0.5, 0.75, 1.0])
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--sequences", type=int, default=512)
@@ -65,19 +65,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="tau of the AR energy's weights (oracle: 1)")
     args = parser.parse_args()
 
-    from edlm_dist.sampling.energy_fns import AREnergy, synthetic_language_for
-    from edlm_dist.sampling.engine import ModelDenoiser
-    from edlm_dist.training.weights import load_trained_model
+    from bench_frontier import load_models  # tools/ is on sys.path when this script runs
 
     torch.set_num_threads(1)
-    dit, meta, _ = load_trained_model(Path(args.runs) / "mdlm", expect_kind="dit")
-    language = synthetic_language_for(meta)
-    if language is None:
-        sys.exit(f"error: {args.runs}/mdlm was not trained on the synthetic language; this diagnosis needs its "
-                 "exact likelihood (data.source=synthetic)")
-    ar_model = load_trained_model(Path(args.runs) / "ar", expect_kind="ar")[0]
-    denoiser = ModelDenoiser(dit, meta["mask_id"], meta["vocab_size"])
-    ar = AREnergy(ar_model, meta["mask_id"], carry_over=False)
+    denoiser, energies, language, meta = load_models(Path(args.runs))
+    ar = energies["ar"]
     generator = torch.Generator().manual_seed(args.seed)
     x0 = language.sample(args.sequences, generator)
 

@@ -20,8 +20,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import math
 import json
+import math
 import os
 import tarfile
 from pathlib import Path

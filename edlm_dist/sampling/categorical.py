@@ -18,11 +18,18 @@ DEFAULT_MAX_CHUNK_ELEMENTS = 1 << 25
 """32M elements per chunk: 256 MiB of float64 noise (plus the same for the upcast input)."""
 
 
-def _exponential_noise(shape: torch.Size, dtype: torch.dtype, device: torch.device, generator) -> torch.Tensor:
-    noise = torch.empty(shape, dtype=dtype, device=device).exponential_(generator=generator)
+def _clamp_noise(noise: torch.Tensor) -> torch.Tensor:
     # An exact 0 (possible in low precision) would give p/0 = inf, or 0/0 = NaN for an
     # impossible token, which argmax would then pick. Clamping keeps p = 0 impossible.
-    return noise.clamp_min_(torch.finfo(dtype).tiny)
+    return noise.clamp_min_(torch.finfo(noise.dtype).tiny)
+
+
+def race_with_noise(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``argmax_v p_v / E_v`` over the last axis for given Exp(1) ``noise`` (clamped in place), in its dtype.
+
+    The race of :func:`sample_categorical`; exposed for callers that fill the noise themselves
+    (``sampling/streams.py`` fills each slice from its own seeded generator)."""
+    return (probs.to(noise.dtype) / _clamp_noise(noise)).argmax(dim=-1)
 
 
 def _check_dtype(dtype: torch.dtype) -> None:
@@ -41,9 +48,11 @@ def _race(scores: torch.Tensor, *, log_space: bool, generator, dtype, max_chunk_
     rows_per_chunk = max(1, max_chunk_elements // num_categories)
     for start in range(0, flat.shape[0], rows_per_chunk):
         chunk = flat[start : start + rows_per_chunk].to(dtype)
-        noise = _exponential_noise(chunk.shape, dtype, chunk.device, generator)
-        raced = chunk - noise.log_() if log_space else chunk / noise
-        out[start : start + rows_per_chunk] = raced.argmax(dim=-1)
+        noise = torch.empty(chunk.shape, dtype=dtype, device=chunk.device).exponential_(generator=generator)
+        if log_space:
+            out[start : start + rows_per_chunk] = (chunk - _clamp_noise(noise).log_()).argmax(dim=-1)
+        else:
+            out[start : start + rows_per_chunk] = race_with_noise(chunk, noise)
     return out.reshape(scores.shape[:-1])
 
 

@@ -63,5 +63,11 @@ def log_mu_at_candidates(log_mu: torch.Tensor, candidates: torch.Tensor, k: int)
     batch, length, _ = log_mu.shape
     if candidates.shape != (batch * k, length):
         raise ValueError(f"candidates must be (B*k, L) = ({batch * k}, {length}), got {tuple(candidates.shape)}")
-    index = candidates.view(batch, k, length).transpose(1, 2)  # (B, L, k)
-    return log_mu.gather(-1, index).transpose(1, 2).reshape(batch * k, length)
+    return log_mu_at_rows(log_mu, torch.arange(batch, device=log_mu.device).repeat_interleave(k), candidates)
+
+
+def log_mu_at_rows(log_mu: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, L) with entry [n, i] = log_mu[rows[n], i, tokens[n, i]]: log mu_theta(x0 | x_t) per token of
+    candidates that each name the batch row (x_t) that proposed them; log_mu (B, L, V), rows (N,)."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return log_mu[rows[:, None], positions[None, :], tokens]

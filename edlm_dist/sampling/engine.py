@@ -35,11 +35,10 @@ import torch
 from edlm_dist.errors import SamplingError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import subs_log_probs
-from edlm_dist.sampling.importance import effective_sample_size, log_importance_weights
+from edlm_dist.sampling.energies import log_mu_at_rows
+from edlm_dist.sampling.importance import effective_sample_size, log_importance_weights, reveal_positions
 from edlm_dist.sampling.mdlm import (
     UPDATES,
-    check_move_chances,
-    per_row_values,
     move_chances,
     noise_removal,
     reveal_probs,
@@ -190,14 +189,10 @@ class SampleBatch:
 
 
 def _reveal_mask(x: torch.Tensor, seeds: Sequence[int], move_t, move_s, mask_id: int) -> torch.Tensor:
-    """(B, L) positions that q(x_s | x_t, x0*) reveals: the uniforms and the test of
-    ``importance.posterior_step_from_x0`` row by row (same generator per row), independent of x0*."""
-    batch = x.shape[0]
-    move_t = per_row_values(move_t, batch, dtype=torch.float64, device=x.device)
-    move_s = per_row_values(move_s, batch, dtype=torch.float64, device=x.device)
-    check_move_chances(move_t, move_s)
+    """(B, L) positions that q(x_s | x_t, x0*) reveals, with the uniforms ``importance.posterior_step_from_x0``
+    would draw from each row's own generator; independent of x0*."""
     u = fill_from_streams(torch.empty(x.shape, dtype=torch.float64, device=x.device), seeds, "uniform")
-    return (x == mask_id) & (u < (move_t - move_s) / move_t)
+    return reveal_positions(x, u, move_t, move_s, mask_id)
 
 
 def _ddpm_rows(log_mu: torch.Tensor, x: torch.Tensor, move_t, move_s, seeds: Sequence[int], mask_id: int,
@@ -249,7 +244,7 @@ def _score_unique(log_mu: torch.Tensor, x: torch.Tensor, rows: list[int], candid
     unique, inverse = torch.unique(keyed, dim=0, return_inverse=True)
     rows_t = torch.tensor(rows, device=device)[unique[:, 0]]  # batch row of each unique candidate
     x0 = unique[:, 1:].contiguous()
-    log_mu_tokens = log_mu[rows_t[:, None], torch.arange(length, device=device)[None, :], x0]  # (U, L)
+    log_mu_tokens = log_mu_at_rows(log_mu, rows_t, x0)  # (U, L)
     times = torch.full((x0.shape[0],), t, dtype=torch.float32, device=device)
     energies = energy_fn(x0, x[rows_t], log_mu_tokens, times)
     if energies.numel() != x0.shape[0]:

@@ -71,13 +71,18 @@ def posterior_step_from_x0(
     Each masked position is revealed to x0*'s token with probability (move_t - move_s) / move_t
     and stays masked otherwise; unmasked positions keep x_t.
     """
+    u = torch.rand(x_t.shape, generator=generator, dtype=torch.float64, device=x_t.device)
+    return torch.where(reveal_positions(x_t, u, move_t, move_s, mask_id), x0_star, x_t)
+
+
+def reveal_positions(x_t: torch.Tensor, uniforms: torch.Tensor, move_t, move_s, mask_id: int) -> torch.Tensor:
+    """(B, L) bool: the masked positions that q(x_s | x_t, x0*) reveals (Eq. 4), given U(0, 1) ``uniforms``
+    (B, L) float64: reveal where u < (move_t - move_s) / move_t. It does not depend on x0*."""
     batch = x_t.shape[0]
     move_t = per_row_values(move_t, batch, dtype=torch.float64, device=x_t.device)
     move_s = per_row_values(move_s, batch, dtype=torch.float64, device=x_t.device)
     check_move_chances(move_t, move_s)
-    u = torch.rand(x_t.shape, generator=generator, dtype=torch.float64, device=x_t.device)
-    reveal = (x_t == mask_id) & (u < (move_t - move_s) / move_t)
-    return torch.where(reveal, x0_star, x_t)
+    return (x_t == mask_id) & (uniforms < (move_t - move_s) / move_t)
 
 
 def draw_proposals(

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from edlm_dist.sampling.categorical import DEFAULT_MAX_CHUNK_ELEMENTS, sample_categorical
+from edlm_dist.sampling.categorical import DEFAULT_MAX_CHUNK_ELEMENTS, race_with_noise, sample_categorical
 
 STREAM_PROPOSAL, STREAM_RESAMPLE, STREAM_STEP = 1, 2, 3
 
@@ -73,6 +73,6 @@ def stream_categorical(probs: torch.Tensor, seeds: Sequence[int], dtype: torch.d
     for start in range(0, len(seeds), per_chunk):
         stop = min(len(seeds), start + per_chunk)
         noise = torch.empty((stop - start, *probs.shape[1:]), dtype=dtype, device=probs.device)
-        fill_from_streams(noise, seeds[start:stop], "exponential").clamp_min_(torch.finfo(dtype).tiny)
-        out[start:stop] = (probs[index[start:stop]].to(dtype) / noise).argmax(dim=-1)  # categorical.py's race
+        fill_from_streams(noise, seeds[start:stop], "exponential")
+        out[start:stop] = race_with_noise(probs[index[start:stop]], noise)
     return out

@@ -9,11 +9,14 @@ inference (MDLM's AR sets the mask logit to -1000 and log-softmaxes; we use -1e6
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.models.dit import DDiTBlock, check_tokens, check_tp_shape
+from edlm_dist.models.kv_cache import KVCache, run_blocks_cached
 from edlm_dist.models.layers import (
     LayerNorm,
     Rotary,
@@ -62,16 +65,30 @@ class ARTransformer(nn.Module):
         """[start, end) of this rank's logits columns; columns >= vocab_size are TP padding (-1e6)."""
         return vocab_shard_range(self.vocab_size)
 
-    def forward(self, tokens: torch.Tensor, *, gather_logits: bool = False) -> torch.Tensor:
+    def new_cache(self, capacity: Optional[int] = None) -> KVCache:
+        """An empty KV cache for incremental decoding of up to ``capacity`` (default: the model's L) positions."""
+        return KVCache(capacity or self.length)
+
+    def forward(self, tokens: torch.Tensor, *, gather_logits: bool = False, cache: Optional[KVCache] = None,
+                append: bool = True) -> torch.Tensor:
+        """Logits of every position of ``tokens``; with ``cache`` the tokens continue the cached prefix.
+
+        With a cache, ``tokens`` (N, c) sit at positions ``cache.length ..`` and attend causally to the
+        prefix and to each other (models/kv_cache.py); ``append=False`` leaves the cache unchanged.
+        """
         check_tokens(tokens)
         x = self.vocab_embed(tokens)
-        cos, sin = self.rotary.cos_sin(tokens.shape[1], tokens.device)
-        for block in self.blocks:
-            x = maybe_checkpoint(block, x, cos, sin, None, enabled=self.activation_checkpointing)
+        if cache is not None:
+            x = run_blocks_cached(self.blocks, x, self.rotary, cache, within="causal", append=append)
+        else:
+            cos, sin = self.rotary.cos_sin(tokens.shape[1], tokens.device)
+            for block in self.blocks:
+                x = maybe_checkpoint(block, x, cos, sin, None, enabled=self.activation_checkpointing)
         logits = fill_padded_logits(self.output_layer(x), self.vocab_size, NEG_INF)
         return gather_vocab_logits(logits, self.vocab_size) if gather_logits else logits
 
-    def log_probs(self, tokens: torch.Tensor, mask_id: int) -> torch.Tensor:
+    def log_probs(self, tokens: torch.Tensor, mask_id: int, *, cache: Optional[KVCache] = None,
+                  append: bool = True) -> torch.Tensor:
         """Full (B, L, V) float32 log p(x_{i+1} = · | x_{≤i}) with the mask token never predicted."""
-        logits = self.forward(tokens, gather_logits=True).float()
+        logits = self.forward(tokens, gather_logits=True, cache=cache, append=append).float()
         return torch.log_softmax(suppress_mask_logit(logits, mask_id), dim=-1)

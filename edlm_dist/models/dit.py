@@ -70,7 +70,9 @@ class DDiTBlock(nn.Module):
         # adaLN stays replicated: it maps the (B, C) condition, tiny next to the token matmuls.
         self.adaLN_modulation = replicated_linear(cond_dim, 6 * dim, zero=True) if cond_dim is not None else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: Optional[torch.Tensor],
+                kv=None) -> torch.Tensor:
+        """``kv``: a KV-cache layer handle (models/kv_cache.py) when ``x`` is a chunk after a cached prefix."""
         if self.adaLN_modulation is not None:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
                 self.adaLN_modulation(c)[:, None].chunk(6, dim=2))
@@ -80,7 +82,7 @@ class DDiTBlock(nn.Module):
             h = self.norm1(x)
         batch, length = x.shape[:2]
         qkv = self.attn_qkv(h).view(batch, length, 3, self.local_heads, self.head_dim)
-        attn = self.attn_out(local_head_attention(qkv, cos, sin, causal=self.causal))
+        attn = self.attn_out(local_head_attention(qkv, cos, sin, causal=self.causal, kv=kv))
         x = x + gate_msa * F.dropout(attn, p=self.dropout, training=self.training)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp) if self.adaLN_modulation is not None else self.norm2(x)
         return x + gate_mlp * F.dropout(self.mlp(h), p=self.dropout, training=self.training)

@@ -367,15 +367,23 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
-def local_head_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, causal: bool) -> torch.Tensor:
+def local_head_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, causal: bool,
+                         kv=None) -> torch.Tensor:
     """SDPA over this rank's heads. ``qkv`` (B, L, 3, heads, d) -> (B, L, heads·d).
 
     Rotary on q and k only; scale 1/√d; no dropout; flash kernel on GPU under bf16 autocast.
+    ``kv`` (a :class:`edlm_dist.models.kv_cache.LayerCache`): the L tokens are a chunk that attends to
+    the cached prefix plus itself (``cos``/``sin`` are then the chunk's positions); ``causal`` is unused
+    because the cache's in-chunk mask decides.
     """
     batch, length = qkv.shape[:2]
     q, k, v = qkv.unbind(dim=2)
     q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    if kv is not None:
+        out = kv.attend(q, k, v)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     return out.transpose(1, 2).reshape(batch, length, -1)
 
 

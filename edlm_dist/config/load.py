@@ -130,7 +130,7 @@ def validate_config(cfg: RunConfig) -> None:
     _check(t.keep_last >= 1, "train.keep_last must be >= 1")
     for key in ("log_every", "val_every", "save_every"):
         _check(getattr(t, key) >= 1, f"train.{key} must be >= 1")
-    _one_of(s.sampler, ["mdlm", "edlm"], "sample.sampler")
+    _one_of(s.sampler, ["mdlm", "edlm", "ar"], "sample.sampler")
     _one_of(s.update, ["ddpm", "ddpm_cache"], "sample.update")
     _one_of(s.energy, ["ar", "coar", "nce", "oracle"], "sample.energy")
     _one_of(s.precision, ["float64", "float32", "bfloat16"], "sample.precision")
@@ -140,6 +140,10 @@ def validate_config(cfg: RunConfig) -> None:
     _check(s.proposal_parallel >= 0, "sample.proposal_parallel must be >= 0 (0 = auto)")
     _check(s.temperature > 0, f"sample.temperature must be > 0 (got {s.temperature})")
     _check(s.num_samples >= 1 and s.batch_size >= 1, "sample.num_samples and sample.batch_size must be >= 1")
+    _check(s.top_k >= 0, f"sample.top_k must be >= 0 (got {s.top_k}); 0 keeps every token")
+    _check(0.0 < s.top_p <= 1.0, f"sample.top_p must be in (0, 1] (got {s.top_p}); 1 keeps every token")
+    _check(s.sampler == "ar" or (s.top_k == 0 and s.top_p == 1.0),
+           "sample.top_k / sample.top_p apply to sample.sampler=ar only; reset them or use the AR sampler")
     for metric in cfg.eval.metrics:
         _one_of(metric, ["ppl", "genppl", "entropy"], "eval.metrics entry")
     _check(cfg.eval.n_negatives >= 1, "eval.n_negatives must be >= 1")

@@ -106,13 +106,16 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    sampler: str = "mdlm"  # mdlm | edlm
+    sampler: str = "mdlm"  # mdlm | edlm | ar (the AR baseline, spec §5.7)
     update: str = "ddpm_cache"  # ddpm | ddpm_cache
     energy: str = "ar"  # ar | coar | nce | oracle (edlm only)
     steps: int = 32
     k: int = 2  # importance-sampling proposals per step
     window: float = 0.2  # IS for t in [1 - window, 1]
-    temperature: float = 1.0
+    temperature: float = 1.0  # edlm: IS weights exp(-E / tau); ar: logits / tau
+    top_k: int = 0  # ar only, not the paper's protocol: keep the k likeliest next tokens (0 = all)
+    top_p: float = 1.0  # ar only, not the paper's protocol: nucleus mass (1.0 = all)
+    kv_cache: bool = True  # ar: incremental decoding; false recomputes the prefix per token (spec §5.7)
     redraw_every_step: bool = True  # Alg. 1; False reuses x0* while nothing changes (ref. code)
     skip_idle_is: bool = True  # redraw mode: no IS for a row whose step reveals nothing (same tokens, docs/sampling.md)
     noise_removal: bool = True

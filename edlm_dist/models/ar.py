@@ -70,8 +70,8 @@ class ARTransformer(nn.Module):
         return KVCache(capacity or self.length)
 
     def forward(self, tokens: torch.Tensor, *, gather_logits: bool = False, cache: Optional[KVCache] = None,
-                append: bool = True) -> torch.Tensor:
-        """Logits of every position of ``tokens``; with ``cache`` the tokens continue the cached prefix.
+                append: bool = True, last_only: bool = False) -> torch.Tensor:
+        """Logits of every position of ``tokens`` (of the last one only with ``last_only``: decoding).
 
         With a cache, ``tokens`` (N, c) sit at positions ``cache.length ..`` and attend causally to the
         prefix and to each other (models/kv_cache.py); ``append=False`` leaves the cache unchanged.
@@ -84,11 +84,11 @@ class ARTransformer(nn.Module):
             cos, sin = self.rotary.cos_sin(tokens.shape[1], tokens.device)
             for block in self.blocks:
                 x = maybe_checkpoint(block, x, cos, sin, None, enabled=self.activation_checkpointing)
-        logits = fill_padded_logits(self.output_layer(x), self.vocab_size, NEG_INF)
+        logits = fill_padded_logits(self.output_layer(x[:, -1:] if last_only else x), self.vocab_size, NEG_INF)
         return gather_vocab_logits(logits, self.vocab_size) if gather_logits else logits
 
     def log_probs(self, tokens: torch.Tensor, mask_id: int, *, cache: Optional[KVCache] = None,
-                  append: bool = True) -> torch.Tensor:
+                  append: bool = True, last_only: bool = False) -> torch.Tensor:
         """Full (B, L, V) float32 log p(x_{i+1} = · | x_{≤i}) with the mask token never predicted."""
-        logits = self.forward(tokens, gather_logits=True, cache=cache, append=append).float()
+        logits = self.forward(tokens, gather_logits=True, cache=cache, append=append, last_only=last_only).float()
         return torch.log_softmax(suppress_mask_logit(logits, mask_id), dim=-1)

@@ -44,6 +44,7 @@ from edlm_dist.sampling.mdlm import (
     reveal_probs,
     sampling_timesteps,
 )
+from edlm_dist.sampling.settings import SamplerSettings
 from edlm_dist.sampling.streams import (
     MAX_RACE_ELEMENTS,
     STREAM_PROPOSAL,
@@ -55,8 +56,6 @@ from edlm_dist.sampling.streams import (
     stream_seed,
 )
 
-PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
-SAMPLERS = ("mdlm", "edlm")
 
 # On CPU, model forwards over at most 1024 tokens (rows * L) keep the small demo models' activations in
 # cache: EDLM-AR (k=8) samples 1.3x faster than with one 256 x 32-token energy forward (docs/frontier.md).
@@ -76,49 +75,6 @@ attribute ``time_conditioning`` (default False) disables caching when True."""
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> energies (N,)``; see energy_fns.py."""
-
-
-@dataclass(frozen=True)
-class SamplerSettings:
-    """Everything that decides the samples besides the models (mirrors ``SampleConfig``)."""
-
-    sampler: str = "mdlm"
-    update: str = "ddpm_cache"
-    steps: int = 32
-    k: int = 2
-    window: float = 0.2
-    temperature: float = 1.0
-    redraw_every_step: bool = True
-    noise_removal: bool = True
-    precision: str = "float64"
-    seed: int = 1
-    eps: float = 1e-5
-    skip_idle_is: bool = True  # EDLM, redraw mode: no IS/denoiser for a row whose step reveals nothing
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.sampler in SAMPLERS, f"sampler '{self.sampler}' is unknown; use one of {list(SAMPLERS)}"),
-            (self.update in UPDATES, f"update '{self.update}' is unknown; use one of {list(UPDATES)}"),
-            (self.steps >= 1, f"steps must be >= 1 (got {self.steps})"),
-            (self.k >= 1, f"k must be >= 1 (got {self.k}): it is the number of importance-sampling proposals"),
-            (0.0 <= self.window <= 1.0, f"window must be in [0, 1] (got {self.window}): IS runs for t in [1-w, 1]"),
-            (self.temperature > 0, f"temperature must be > 0 (got {self.temperature})"),
-            (self.precision in PRECISIONS, f"precision '{self.precision}' is unknown; use one of {list(PRECISIONS)}"),
-            (0.0 < self.eps < 1.0, f"eps must be in (0, 1) (got {self.eps})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise SamplingError(f"sampling setting: {message}")
-
-    @classmethod
-    def from_config(cls, sample_cfg) -> "SamplerSettings":
-        names = ("sampler", "update", "steps", "k", "window", "temperature", "redraw_every_step", "noise_removal",
-                 "precision", "seed", "skip_idle_is")
-        return cls(**{name: getattr(sample_cfg, name) for name in names})
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return PRECISIONS[self.precision]
 
 
 class ModelDenoiser:

@@ -16,7 +16,7 @@ import torch
 
 from edlm_dist.sampling.categorical import DEFAULT_MAX_CHUNK_ELEMENTS, race_with_noise, sample_categorical
 
-STREAM_PROPOSAL, STREAM_RESAMPLE, STREAM_STEP = 1, 2, 3
+STREAM_PROPOSAL, STREAM_RESAMPLE, STREAM_STEP, STREAM_TOKEN = 1, 2, 3, 4  # TOKEN: the AR sampler, per position
 
 
 def stream_seed(seed: int, stream: int, step: int, sample_id: int, proposal: int = 0) -> int:

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from edlm_dist.config.schema import MODEL_PRESETS, RunConfig
+from edlm_dist.config.schema import MODEL_PRESETS, RunConfig, window_interval
 from edlm_dist.errors import ConfigError
 
 CONFIG_FILENAME = "config.yaml"
@@ -136,7 +136,14 @@ def validate_config(cfg: RunConfig) -> None:
     _one_of(s.precision, ["float64", "float32", "bfloat16"], "sample.precision")
     _check(s.steps >= 1, f"sample.steps must be >= 1 (got {s.steps})")
     _check(s.k >= 1, f"sample.k must be >= 1 (got {s.k}): it is the number of importance-sampling proposals")
-    _check(0.0 <= s.window <= 1.0, f"sample.window must be in [0, 1] (got {s.window}): IS runs for t in [1-window, 1]")
+    try:
+        window_interval(s.window, "sample.window")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    _check(s.block_size >= 0, f"sample.block_size must be >= 0 (got {s.block_size}); 0 means one block of the "
+           "whole row")
+    _check(s.block_size <= d.seq_len, f"sample.block_size={s.block_size} exceeds the row length data.seq_len="
+           f"{d.seq_len}; use 0 (one block) or a size <= {d.seq_len}")
     _check(s.proposal_parallel >= 0, "sample.proposal_parallel must be >= 0 (0 = auto)")
     _check(s.temperature > 0, f"sample.temperature must be > 0 (got {s.temperature})")
     _check(s.num_samples >= 1 and s.batch_size >= 1, "sample.num_samples and sample.batch_size must be >= 1")

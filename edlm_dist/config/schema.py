@@ -8,7 +8,7 @@ work starts. Defaults are tiny so that a bare config runs on a laptop CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Any, Optional
 
 # Paper presets (spec §2.3): hidden size, blocks, heads. cond_dim is 128 for all.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -111,8 +111,9 @@ class SampleConfig:
     energy: str = "ar"  # ar | coar | nce | oracle (edlm only)
     steps: int = 32
     k: int = 2  # importance-sampling proposals per step
-    window: float = 0.2  # IS for t in [1 - window, 1]
+    window: Any = 0.2  # IS for grid times t in [t_lo, t_hi] = window (a pair), or [1 - window, 1] (a number)
     temperature: float = 1.0  # edlm: IS weights exp(-E / tau); ar: logits / tau
+    block_size: int = 0  # commit the row block by block, left to right (docs/sampling.md); 0 = one block of L
     top_k: int = 0  # ar only, not the paper's protocol: keep the k likeliest next tokens (0 = all)
     top_p: float = 1.0  # ar only, not the paper's protocol: nucleus mass (1.0 = all)
     kv_cache: bool = True  # ar: incremental decoding; false recomputes the prefix per token (spec §5.7)
@@ -128,6 +129,26 @@ class SampleConfig:
     diffusion_ckpt: str = ""
     ar_ckpt: str = ""
     energy_ckpt: str = ""
+
+
+def window_interval(window: Any, name: str = "window") -> tuple[float, float]:
+    """The IS window as ``(t_lo, t_hi)``: a number w means [1 - w, 1] (the paper's window, spec §6.5), a pair
+    [t_lo, t_hi] means itself. Raises ValueError with a one-line message naming ``name`` and the fix."""
+    if isinstance(window, (bool, str)):
+        raise ValueError(f"{name} must be a number in [0, 1] or a pair [t_lo, t_hi], got {window!r}")
+    if isinstance(window, (int, float)):
+        if not 0.0 <= window <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1] (got {window}): IS runs for t in [1-{name.split('.')[-1]}, 1]"
+                             " (or give an interval [t_lo, t_hi])")
+        return 1.0 - float(window), 1.0
+    try:
+        lo, hi = (float(v) for v in window if not isinstance(v, bool))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1] or a pair [t_lo, t_hi] of numbers, got {window!r}") from None
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"{name}=[{lo:g}, {hi:g}] must satisfy 0 <= t_lo <= t_hi <= 1: IS runs for grid times t "
+                         "with t_lo <= t <= t_hi")
+    return lo, hi
 
 
 @dataclass

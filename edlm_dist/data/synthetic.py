@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import asdict
+from typing import Optional
 
 import numpy as np
 import torch
@@ -140,14 +141,19 @@ class SyntheticLanguage:
                             f"[{int(rows.min())}, {int(rows.max())}]; fix: score rows of this language's vocabulary")
         return rows
 
-    def _score(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log p(x, z) for every topic (n, K), penalty (n,)) — log p(x) = logsumexp + penalty."""
+    def _score(self, rows: torch.Tensor, upto: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log p(x, z) for every topic (n, K), penalty (n,)) — log p(x) = logsumexp + penalty.
+
+        ``upto`` = m < L scores only positions < m (the marginal of the first m tokens; later positions
+        of ``rows`` are ignored)."""
         rows = self._check_rows(rows)
         n, L = rows.shape
+        upto = L if upto is None else upto
         body = rows[:, 1:L - 1]
-        valid = body < self.num_tokens
-        penalty = (rows[:, 0] != self.bos_id).double() + (rows[:, L - 1] != self.eos_id).double()
-        penalty = (penalty + (~valid).sum(1).double()) * self.penalty
+        in_prefix = torch.arange(1, L - 1) < upto
+        valid = (body < self.num_tokens) & in_prefix
+        penalty = (rows[:, 0] != self.bos_id).double() + (rows[:, L - 1] != self.eos_id).double() * (upto == L)
+        penalty = (penalty + ((body >= self.num_tokens) & in_prefix).sum(1).double()) * self.penalty
         # Context tokens: BOS before the first language token; invalid inner ids read as BOS.
         tokens = torch.where(valid, body, torch.full_like(body, self.bos_id))
         padded = torch.cat([torch.full((n, self.order), self.bos_id, dtype=torch.long), tokens[:, :-1]], 1)
@@ -172,7 +178,20 @@ class SyntheticLanguage:
 
     def log_prob(self, rows: torch.Tensor) -> torch.Tensor:
         """Exact log p(row) in float64, shape (n,); finite for any ids in [0, vocab_size)."""
-        log_joint, penalty = self._score(rows)
+        return self.prefix_log_prob(rows)
+
+    def prefix_log_prob(self, prefixes: torch.Tensor) -> torch.Tensor:
+        """Exact marginal log p(x_0 .. x_{m-1}) of (n, m) prefixes, 1 <= m <= seq_len, float64 (n,): the sum over
+        every continuation (the chains' terms stop at position m - 1). m = seq_len is :meth:`log_prob`."""
+        if not isinstance(prefixes, torch.Tensor) or prefixes.dim() != 2 or not 1 <= prefixes.shape[1] <= self.seq_len:
+            shape = tuple(prefixes.shape) if isinstance(prefixes, torch.Tensor) else type(prefixes).__name__
+            raise DataError(f"prefixes must be (n, m) with 1 <= m <= {self.seq_len}, got {shape}; fix: pass the "
+                            "first m tokens of rows of this language")
+        m = prefixes.shape[1]
+        rows = prefixes
+        if m < self.seq_len:  # any in-vocabulary filler: positions >= m are not scored
+            rows = torch.cat([prefixes, prefixes.new_zeros((prefixes.shape[0], self.seq_len - m))], dim=1)
+        log_joint, penalty = self._score(rows, upto=m)
         return torch.logsumexp(log_joint, dim=1) + penalty
 
     def per_token_nll(self, rows: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from edlm_dist.config.load import config_to_dict, load_config
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError, ConfigError, DataError
-from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
+from edlm_dist.sampling.blocks import sample_rows
+from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings
 from edlm_dist.sampling.energy_fns import build_energy, synthetic_language_for
 from edlm_dist.training.weights import load_trained_model, read_weights_meta
 
@@ -64,6 +65,9 @@ def check_inputs(cfg: RunConfig) -> dict[str, tuple[str, dict]]:
                                   f"'{kind}'; pass the run folder of the right `edlm train` objective")
         found[role] = (path, meta)
     reference = found["diffusion"][1]
+    if s.block_size > int(reference.get("seq_len") or s.block_size):
+        raise ConfigError(f"sample.block_size={s.block_size} exceeds the diffusion model's row length "
+                          f"{reference.get('seq_len')}; use 0 (one block) or a size <= {reference.get('seq_len')}")
     for role, (path, meta) in found.items():
         for key in ("vocab_size", "seq_len", "mask_id"):
             if meta.get(key) != reference.get(key):
@@ -163,12 +167,13 @@ def _sample_and_write(cfg, settings, found, language, out, ctx, proposal_paralle
               disable=not show) as bar:
         for ids in my_batches:
             tick = time.perf_counter()
-            result = sample_batch(denoiser, settings, ids, length=length, mask_id=mask_id, device=device,
+            result = sample_rows(denoiser, settings, ids, length=length, mask_id=mask_id, device=device,
                                   energy_fn=energy_fn, proposals=layout.proposals)
             seconds = (time.perf_counter() - tick) / len(ids)
             tokens, ess = result.tokens.cpu(), result.row_mean_ess
             for r, index in enumerate(ids):
                 records.append({"index": index, "tokens": tokens[r].tolist(), "seconds": seconds, "nfe": result.nfe,
+                                "sequential_calls": result.nfe + result.energy_calls + result.prefix_calls,
                                 "mean_ess": None if math.isnan(float(ess[r])) else float(ess[r])})
             ess_steps.append((len(ids), result.ess_per_step))
             bar.update(len(ids))
@@ -239,6 +244,7 @@ def _summary(cfg, settings, found, records, ess_steps, elapsed, ctx, layout) -> 
         "mean_seconds_per_sample": sum(r["seconds"] for r in records) / max(1, len(records)),
         "wall_seconds": elapsed,
         "mean_nfe": sum(r["nfe"] for r in records) / max(1, len(records)),
+        "mean_sequential_calls": sum(r["sequential_calls"] for r in records) / max(1, len(records)),
         "config": config_to_dict(cfg),
     }
     if records and "oracle_nll" in records[0]:

@@ -64,9 +64,40 @@ class AREnergy:
 
     @torch.no_grad()
     def __call__(self, x0, x_t, log_mu_tokens, t):
-        log_mu_scored = torch.cat([torch.zeros_like(log_mu_tokens[:, :1]), log_mu_tokens[:, 1:]], dim=1)
-        energies = ar_energy(self.token_log_probs(x0), log_mu_scored, x_t, self.mask_id, carry_over=self.carry_over)
+        return self.block_energy(self.token_log_probs(x0), log_mu_tokens, x_t, start=0)
+
+    def block_energy(self, log_p_ar: torch.Tensor, log_mu_tokens: torch.Tensor, x_t: torch.Tensor, *,
+                     start: int) -> torch.Tensor:
+        """Eq. 9 on the positions [start, start + width) of (R, width) columns: position 0 is never scored
+        (its log p_AR column and diffusion term are left out), every later column is."""
+        if start == 0:
+            log_mu_tokens = torch.cat([torch.zeros_like(log_mu_tokens[:, :1]), log_mu_tokens[:, 1:]], dim=1)
+        else:  # ar_energy ignores its first column: put a dummy one in front so that every column counts
+            pad = lambda a, v: torch.cat([torch.full_like(a[:, :1], v), a], dim=1)  # noqa: E731
+            log_p_ar, log_mu_tokens, x_t = pad(log_p_ar, 0), pad(log_mu_tokens, 0), pad(x_t, self.mask_id)
+        energies = ar_energy(log_p_ar, log_mu_tokens, x_t, self.mask_id, carry_over=self.carry_over)
         return energies.to(torch.float64)
+
+    def for_prefix(self, prefix: torch.Tensor, length: int) -> "PrefixAREnergy":
+        """Energies of block proposals after the committed ``prefix`` (R0, lo) (sampling/blocks.py)."""
+        return PrefixAREnergy(self, prefix)
+
+
+class PrefixAREnergy:
+    """Block proposals x0[lo:hi] scored by the AR (coAR) energy given their row's committed prefix: only
+    log p_AR(x0^i | x0^{<i}) for i in the block (the prefix's terms are one constant per row)."""
+
+    needs_rows = True
+
+    def __init__(self, energy: AREnergy, prefix: torch.Tensor):
+        self.energy, self.prefix = energy, prefix
+        self.lo = prefix.shape[1]
+
+    @torch.no_grad()
+    def __call__(self, x0, x_t, log_mu_tokens, t, *, rows):
+        rows_in = torch.cat([self.prefix[rows.to(self.prefix.device)], x0], dim=1)
+        log_p = self.energy.token_log_probs(rows_in)[:, self.lo:]
+        return self.energy.block_energy(log_p, log_mu_tokens, x_t, start=self.lo)
 
 
 class NCEEnergy:
@@ -98,6 +129,25 @@ class OracleEnergy:
     @torch.no_grad()
     def __call__(self, x0, x_t, log_mu_tokens, t):
         log_p_true = self.language.log_prob(x0.cpu()).to(x0.device)
+        return oracle_energy(log_p_true, log_mu_tokens.to(torch.float64)).to(torch.float64)
+
+    def for_prefix(self, prefix: torch.Tensor, length: int) -> "PrefixOracleEnergy":
+        """Block proposals scored by the exact marginal log p_true(prefix, block) (the future summed out)."""
+        return PrefixOracleEnergy(self.language, prefix)
+
+
+class PrefixOracleEnergy:
+    """``-log p_true(prefix, x0_block) + log p_theta(x0_block | x_t)``: the exact block energy (sampling/blocks.py)."""
+
+    needs_rows = True
+
+    def __init__(self, language, prefix: torch.Tensor):
+        self.language, self.prefix = language, prefix
+
+    @torch.no_grad()
+    def __call__(self, x0, x_t, log_mu_tokens, t, *, rows):
+        rows_in = torch.cat([self.prefix[rows.to(self.prefix.device)], x0], dim=1)
+        log_p_true = self.language.prefix_log_prob(rows_in.cpu()).to(x0.device)
         return oracle_energy(log_p_true, log_mu_tokens.to(torch.float64)).to(torch.float64)
 
 

@@ -3,7 +3,7 @@
 One loop serves both samplers. Per step t -> s on the grid ``linspace(1, eps, T + 1)``:
 
 * MDLM (and EDLM outside its window): x_s ~ q(x_s | x_t, mu_theta) (paper Eq. 5).
-* EDLM inside the window t in [1 - w, 1] (paper Alg. 1): k proposals x0^(j) ~ p_theta(x0 | x_t),
+* EDLM inside the window t in [t_lo, t_hi] (paper Alg. 1 uses [1 - w, 1]): k proposals x0^(j) ~ p_theta(x0 | x_t),
   energies E_j, one index drawn with weights ∝ exp(-E_j / tau), then x_s ~ q(x_s | x_t, x0*).
   ``redraw_every_step`` (Alg. 1) draws a fresh pool at every window step; otherwise the chosen x0*
   is kept (and used, even past the window edge) until a token is revealed, as the reference code
@@ -38,7 +38,6 @@ from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.sampling.energies import log_mu_at_rows
 from edlm_dist.sampling.importance import effective_sample_size, log_importance_weights, reveal_positions
 from edlm_dist.sampling.mdlm import (
-    UPDATES,
     move_chances,
     noise_removal,
     reveal_probs,
@@ -62,6 +61,11 @@ from edlm_dist.sampling.streams import (
 CPU_CHUNK_TOKENS = 1024
 
 
+def call_with_rows(fn: Callable, *args, rows: torch.Tensor):
+    """``fn(*args)``, plus ``rows=rows`` for a callable that keeps per-row state (``needs_rows``)."""
+    return fn(*args, rows=rows) if getattr(fn, "needs_rows", False) else fn(*args)
+
+
 def rows_per_forward(device: torch.device, length: int, limit: int) -> int:
     """Rows per model forward: at most ``limit``; on CPU also at most CPU_CHUNK_TOKENS tokens."""
     if device.type == "cpu":
@@ -71,7 +75,9 @@ def rows_per_forward(device: torch.device, length: int, limit: int) -> int:
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x_t (B, L) long, t (B,) float) -> log mu_theta (B, L, V)`` with SUBS applied. An optional
-attribute ``time_conditioning`` (default False) disables caching when True."""
+attribute ``time_conditioning`` (default False) disables caching when True. A callable with
+``needs_rows = True`` also gets ``rows=`` (the batch rows of its inputs): the block-wise sampler's views of
+the models keep per-row prefix state (sampling/blocks.py)."""
 
 EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> energies (N,)``; see energy_fns.py."""
@@ -131,6 +137,8 @@ class SampleBatch:
     nfe: int = 0  # batched denoiser calls, noise removal included
     energy_evaluations: int = 0  # candidate energies computed on THIS rank
     energy_rows: int = 0  # rows sent to the energy function (identical candidates of a row count once)
+    energy_calls: int = 0  # batched energy calls (IS steps that ran): sequential calls, like nfe
+    prefix_calls: int = 0  # block-wise: per-block prefix preparations (KV caches) of the models
     idle_skips: int = 0  # (row, step) pairs whose IS was skipped because the step revealed nothing
     ess_per_step: list = field(default_factory=list)  # mean ESS over the rows that ran IS, None elsewhere
     row_ess_sum: Optional[torch.Tensor] = None  # (B,) float64 sum of ESS over a row's IS steps
@@ -202,7 +210,7 @@ def _score_unique(log_mu: torch.Tensor, x: torch.Tensor, rows: list[int], candid
     x0 = unique[:, 1:].contiguous()
     log_mu_tokens = log_mu_at_rows(log_mu, rows_t, x0)  # (U, L)
     times = torch.full((x0.shape[0],), t, dtype=torch.float32, device=device)
-    energies = energy_fn(x0, x[rows_t], log_mu_tokens, times)
+    energies = call_with_rows(energy_fn, x0, x[rows_t], log_mu_tokens, times, rows=rows_t)
     if energies.numel() != x0.shape[0]:
         raise SamplingError(f"the energy function returned {energies.numel()} values for {x0.shape[0]} "
                             "candidates; it must return one energy per candidate row")
@@ -243,6 +251,7 @@ def sample_batch(
     proposals: Optional[Proposals] = None,
     x_init: Optional[torch.Tensor] = None,
     step_range: Optional[tuple[int, int]] = None,
+    step_offset: int = 0,
     schedule: Optional[LogLinearSchedule] = None,
     trace: bool = False,
 ) -> SampleBatch:
@@ -252,6 +261,8 @@ def sample_batch(
         x_init: start state (default all-mask); with ``step_range=(a, b)`` only grid steps a..b-1
             run (tests drive a single step this way).
         proposals: the proposal exchange (default :class:`LocalProposals`).
+        step_offset: added to the grid step in every random stream's seed (the block-wise sampler gives
+            each block its own streams; 0 for a whole-row run).
     """
     ids = [int(i) for i in sample_ids]
     device = torch.device(device)
@@ -272,6 +283,7 @@ def sample_batch(
     first, last = step_range or (0, settings.steps)
     use_cache = settings.update == "ddpm_cache" and not getattr(denoiser, "time_conditioning", False)
     edlm = settings.sampler == "edlm"
+    window_lo, window_hi = settings.window_bounds
     reuse = edlm and not settings.redraw_every_step
     # A reused x0* is followed until a change, so skipping would change which pool is drawn: redraw only.
     skip_idle = edlm and settings.skip_idle_is and not reuse
@@ -285,11 +297,12 @@ def sample_batch(
     for i in range(first, last):
         t = float(timesteps[i])
         move_t, move_s = move_chances(t, t - dt, settings.update, schedule)
-        in_window = edlm and t >= 1.0 - settings.window
+        in_window = edlm and window_lo <= t <= window_hi
         run_is = (~has_star if reuse else torch.ones(batch, dtype=torch.bool)) & in_window
         if not reuse:
             has_star.zero_()
-        step_seeds = [stream_seed(settings.seed, STREAM_STEP, i, sample_id) for sample_id in ids]
+        step = step_offset + i  # the random streams' step index
+        step_seeds = [stream_seed(settings.seed, STREAM_STEP, step, sample_id) for sample_id in ids]
         reveal, idle = None, torch.zeros(batch, dtype=torch.bool)
         if skip_idle and bool(run_is.any()):  # x_s = x_t whatever x0* is: the IS would be thrown away
             reveal = _reveal_mask(x, step_seeds, move_t, move_s, mask_id)
@@ -300,7 +313,8 @@ def sample_batch(
         if bool(need_mu.any()):
             rows = need_mu.nonzero().flatten().to(device)
             x_rows = x if len(rows) == batch else x[rows]
-            values = denoiser(x_rows, torch.full((len(rows),), t, dtype=torch.float32, device=device))
+            values = call_with_rows(denoiser, x_rows, torch.full((len(rows),), t, dtype=torch.float32, device=device),
+                                    rows=rows)
             if log_mu is None:
                 log_mu = torch.empty((batch, *values.shape[1:]), dtype=values.dtype, device=device)
             log_mu[rows] = values
@@ -308,11 +322,12 @@ def sample_batch(
             out.nfe += 1
         if bool(run_is.any()):
             rows = run_is.nonzero().flatten().tolist()
-            chosen, ess, energy_rows = _importance_select(log_mu, x, rows, ids, i, t, settings, energy_fn,
+            chosen, ess, energy_rows = _importance_select(log_mu, x, rows, ids, step, t, settings, energy_fn,
                                                           proposals, mask_id)
             x0_star[rows] = chosen
             has_star[rows] = True
             out.energy_evaluations += len(rows) * len(proposals.owned(settings.k))
+            out.energy_calls += 1
             out.energy_rows += energy_rows
             out.row_ess_sum[rows] += ess.cpu()
             out.row_is_steps[rows] += 1
@@ -341,7 +356,7 @@ def sample_batch(
         if len(rows):  # rows without masks are unchanged by the greedy step: skip their forward
             final_t = torch.full((len(rows),), float(timesteps[-1]), dtype=torch.float32, device=device)
             x = x.clone()
-            x[rows] = noise_removal(denoiser(x[rows], final_t), x[rows], mask_id)
+            x[rows] = noise_removal(call_with_rows(denoiser, x[rows], final_t, rows=rows), x[rows], mask_id)
             out.nfe += 1
     proposals.check_in_sync(x, "at the end of the batch")  # IS steps also check x_t inside their gather
     out.tokens = x

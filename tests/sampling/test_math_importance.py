@@ -47,12 +47,12 @@ def _exact_selection_by_enumeration(proposal, energy, k):
     return selection
 
 
-def _exact_selection_by_laplace(proposal, energy, k):
+def _exact_selection_by_laplace(proposal, energy, k, points: int = 40001):
     """Same distribution for any k: P(y) = k p(y) w(y) E[1/(w(y) + S_{k-1})] with
     1/a = int_0^inf e^{-ua} du, so E[1/(w + S)] = int e^{-uw} phi(u)^{k-1} du, phi(u) = E[e^{-uW}].
     Integrated on u = e^v with the trapezoid rule (smooth integrand, checked against enumeration)."""
     w = torch.exp(-energy)
-    v = torch.linspace(-40.0, math.log(80.0 / w.min().item()), 40001, dtype=torch.float64)
+    v = torch.linspace(-40.0, math.log(80.0 / w.min().item()), points, dtype=torch.float64)
     u = torch.exp(v)
     phi = (proposal[None, :] * torch.exp(-u[:, None] * w[None, :])).sum(dim=1)
     integrand = torch.exp(-u[:, None] * w[None, :]) * phi[:, None] ** (k - 1) * u[:, None]

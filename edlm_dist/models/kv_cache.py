@@ -16,7 +16,9 @@ Sharing one prefix among proposals. ``prefix.share(group=G)`` gives a *child* ca
 ``G`` proposals per prefix row (batch-major: child row ``b * G + g`` continues prefix row ``b``). The
 child reads the prefix's tensors in place (no copy, no ``expand``): queries of the G proposals of a row
 are stacked along the query axis and multiplied with that row's prefix keys in one matmul, so the
-prefix is stored and read once however many proposals use it. Each child row appends its own
+prefix is stored and read once however many proposals use it. ``share(group=G, rows=idx)`` continues only
+the prefix rows ``idx`` (child row ``r * G + g`` continues prefix row ``idx[r]``; their keys are gathered
+once per call), for callers that score some rows only (the block-wise EDLM energies). Each child row appends its own
 positions (its own block) to the child's own buffers. The prefix must not grow while a child is in use
 (checked: a child whose prefix changed raises); make a new child after committing a block to the
 prefix.
@@ -57,7 +59,8 @@ class KVCache:
         group: proposals per parent row (1 without a parent).
     """
 
-    def __init__(self, capacity: int, *, parent: Optional["KVCache"] = None, group: int = 1):
+    def __init__(self, capacity: int, *, parent: Optional["KVCache"] = None, group: int = 1,
+                 rows: Optional[torch.Tensor] = None):
         if capacity < 1 or group < 1:
             raise ConfigError(f"KVCache needs capacity >= 1 and group >= 1, got {capacity} and {group}")
         if parent is not None and parent.parent is not None:
@@ -65,7 +68,10 @@ class KVCache:
         if parent is None and group != 1:
             raise ConfigError("group > 1 needs a parent prefix cache; use prefix.share(group=G)")
         self.capacity = int(capacity)
+        if rows is not None and parent is None:
+            raise ConfigError("rows= selects rows of a shared prefix; use prefix.share(group=G, rows=...)")
         self.parent, self.group = parent, int(group)
+        self.parent_rows = rows  # None: every prefix row, in order
         self.start = parent.length if parent is not None else 0
         self._parent_version = parent.version if parent is not None else 0
         self.keys: list[torch.Tensor] = []  # per layer (rows, heads, capacity - start, head_dim)
@@ -78,9 +84,10 @@ class KVCache:
         """Positions cached so far (prefix included): the next chunk starts at this position."""
         return self.start + self.own_length
 
-    def share(self, group: int, capacity: Optional[int] = None) -> "KVCache":
-        """A child for ``group`` proposals per row that reads this prefix in place (module docstring)."""
-        return KVCache(capacity or self.capacity, parent=self, group=group)
+    def share(self, group: int, capacity: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> "KVCache":
+        """A child for ``group`` proposals per row that reads this prefix in place (module docstring); ``rows``
+        (R,) long: continue only these prefix rows, in this order."""
+        return KVCache(capacity or self.capacity, parent=self, group=group, rows=rows)
 
     def check_room(self, chunk: int) -> None:
         if self.parent is not None and self.parent.version != self._parent_version:
@@ -126,6 +133,9 @@ class KVCache:
         """One softmax over [shared prefix, own positions]; the prefix is read once per parent row."""
         prefix_k = self.parent.keys[layer][:, :, : self.start]  # (B, heads, T, d), a view
         prefix_v = self.parent.values[layer][:, :, : self.start]
+        if self.parent_rows is not None:  # only some prefix rows continue: one gather per call
+            index = self.parent_rows.to(prefix_k.device)
+            prefix_k, prefix_v = prefix_k.index_select(0, index), prefix_v.index_select(0, index)
         rows, heads, chunk, head_dim = q.shape
         batch, group = prefix_k.shape[0], self.group
         if rows != batch * group:

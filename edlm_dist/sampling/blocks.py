@@ -6,12 +6,13 @@ runs its whole loop (T grid steps from t = 1 to eps, the IS window on that local
 the block's columns only, through two views of the models:
 
 * the denoiser sees the full row [prefix, block, masks] (a bidirectional DiT: L tokens per call) and returns
-  log mu_theta for the block's columns; a denoiser with ``for_prefix`` (a prefix-cached, block-causal one)
-  is asked for the block directly;
-* the energy of a proposal is a function of prefix + block. An energy with ``for_prefix`` (AR, coAR, the
-  oracle) is prepared ONCE per block from the committed prefix, and that state (for the AR energies, the
-  prefix's KV cache) is shared by all k proposals and all steps of the block; any other energy callable
-  sees the full row with the future still masked.
+  log mu_theta for the block's columns; a denoiser with a ``prefix_session`` (a prefix-cached, block-causal
+  one) is asked for the block directly;
+* the energy of a proposal is a function of prefix + block. A model with ``prefix_session(batch, length)``
+  (AR, coAR, the oracle: sampling/prefix_energies.py) keeps per-batch prefix state: its ``block(x, lo, hi,
+  rows)`` runs once per block (for the AR energies: the newly committed tokens join the prefix's KV cache)
+  and returns the scorer that all k proposals of every step of the block share; any other energy
+  callable sees the full row with the future still masked.
 
 The k proposals of an IS step therefore share the committed prefix and differ only in the block. With
 the exact energy the chosen x0* of a block step is distributed as p(x_block | prefix, x_t's revealed
@@ -53,7 +54,7 @@ def full_rows(prefix: torch.Tensor, block: torch.Tensor, length: int, mask_id: i
 
 
 class BlockDenoiser:
-    """log mu_theta of block [lo, hi) for rows whose committed prefix is ``prefix`` (R0, lo)."""
+    """log mu_theta of block [lo, hi) from a whole-row denoiser, for rows whose committed prefix is ``prefix``."""
 
     needs_rows = True
 
@@ -61,11 +62,8 @@ class BlockDenoiser:
         self.denoiser, self.prefix, self.hi, self.length, self.mask_id = denoiser, prefix, hi, length, mask_id
         self.lo = prefix.shape[1]
         self.time_conditioning = bool(getattr(denoiser, "time_conditioning", False))
-        self.cached = denoiser.for_prefix(prefix, length) if hasattr(denoiser, "for_prefix") else None
 
     def __call__(self, x_block: torch.Tensor, t: torch.Tensor, *, rows: torch.Tensor) -> torch.Tensor:
-        if self.cached is not None:
-            return self.cached(x_block, t, rows=rows)
         full = full_rows(self.prefix[rows.to(self.prefix.device)], x_block, self.length, self.mask_id)
         return self.denoiser(full, t)[:, self.lo:self.hi]
 
@@ -85,11 +83,26 @@ class _FullRowEnergy:
                               full_rows(prefix, x_t, self.length, self.mask_id), padded_mu, t)
 
 
-def block_energy(energy_fn: Callable, prefix: torch.Tensor, length: int, mask_id: int) -> Callable:
-    """The energy of block proposals given the committed ``prefix`` (R0, lo), prepared once for the block."""
-    if hasattr(energy_fn, "for_prefix"):
-        return energy_fn.for_prefix(prefix, length)
-    return _FullRowEnergy(energy_fn, prefix, length, mask_id)
+class _WholeRowSession:
+    """The prefix session of a model without one: every block sees whole rows (no state, no calls)."""
+
+    calls = 0
+
+    def __init__(self, model: Callable, view: type, length: int, mask_id: int):
+        self.model, self.view, self.length, self.mask_id = model, view, length, mask_id
+
+    def block(self, x: torch.Tensor, lo: int, hi: int, todo: torch.Tensor):
+        prefix = x[todo, :lo]
+        if self.view is BlockDenoiser:
+            return BlockDenoiser(self.model, prefix, hi, self.length, self.mask_id)
+        return _FullRowEnergy(self.model, prefix, self.length, self.mask_id)
+
+
+def prefix_session(model: Callable, view: type, batch: int, length: int, mask_id: int):
+    """``model.prefix_session(batch, length)`` when the model keeps prefix state, else whole rows."""
+    if hasattr(model, "prefix_session"):
+        return model.prefix_session(batch, length)
+    return _WholeRowSession(model, view, length, mask_id)
 
 
 def _accumulate(total: SampleBatch, part: SampleBatch, rows: torch.Tensor) -> None:
@@ -132,19 +145,21 @@ def sample_blocks(
         raise SamplingError(f"x_init must be (B, L) = ({len(ids)}, {length}), got {tuple(x.shape)}")
     total = SampleBatch(tokens=x, row_ess_sum=torch.zeros(len(ids), dtype=torch.float64),
                         row_is_steps=torch.zeros(len(ids), dtype=torch.long))
+    sessions = [prefix_session(denoiser, BlockDenoiser, len(ids), length, mask_id)]
+    if energy_fn is not None:
+        sessions.append(prefix_session(energy_fn, _FullRowEnergy, len(ids), length, mask_id))
     for j, (lo, hi) in enumerate(spans):
         todo = (x[:, lo:hi] == mask_id).any(dim=-1).nonzero().flatten()
         if len(todo) == 0:  # every row already holds this block (a prompt): nothing to generate
             continue
-        prefix = x[todo, :lo]
-        view = BlockDenoiser(denoiser, prefix, hi, length, mask_id)
-        energy = block_energy(energy_fn, prefix, length, mask_id) if energy_fn is not None else None
-        total.prefix_calls += int(view.cached is not None) + int(getattr(energy, "prefix_calls", 0))
+        views = [session.block(x, lo, hi, todo) for session in sessions]
+        view, energy = views[0], (views[1] if energy_fn is not None else None)
         part = sample_batch(view, settings, [ids[r] for r in todo.tolist()], length=hi - lo, mask_id=mask_id,
                             device=device, energy_fn=energy, proposals=proposals, x_init=x[todo, lo:hi],
                             schedule=schedule, trace=trace, step_offset=j * settings.steps)
         x[todo, lo:hi] = part.tokens
         _accumulate(total, part, todo.cpu())
+    total.prefix_calls = sum(session.calls for session in sessions)
     if proposals is not None:
         proposals.check_in_sync(x, "at the end of the block-wise batch")
     total.tokens = x

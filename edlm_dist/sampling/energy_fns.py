@@ -24,6 +24,7 @@ from edlm_dist.errors import ConfigError, DataError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.sampling.energies import ar_energy, oracle_energy
 from edlm_dist.sampling.engine import rows_per_forward
+from edlm_dist.sampling.prefix_energies import ARPrefixSession, OraclePrefixSession
 
 ENERGIES = ("ar", "coar", "nce", "oracle")
 MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB in float32)
@@ -46,9 +47,10 @@ class AREnergy:
     """
 
     def __init__(self, ar_model: torch.nn.Module, mask_id: int, *, carry_over: bool,
-                 max_chunk_rows: Optional[int] = None):
+                 max_chunk_rows: Optional[int] = None, prefix_cache: bool = True):
         self.model, self.mask_id, self.carry_over = ar_model.eval(), int(mask_id), bool(carry_over)
         self.max_chunk_rows = max_chunk_rows
+        self.prefix_cache = prefix_cache  # block-wise sampling: KV-cache the committed prefix (else recompute it)
 
     def token_log_probs(self, x0: torch.Tensor) -> torch.Tensor:
         """(N, L): column i >= 1 = log p_AR(x0^i | x0^{<i}); column 0 = 0 (unscored)."""
@@ -78,26 +80,10 @@ class AREnergy:
         energies = ar_energy(log_p_ar, log_mu_tokens, x_t, self.mask_id, carry_over=self.carry_over)
         return energies.to(torch.float64)
 
-    def for_prefix(self, prefix: torch.Tensor, length: int) -> "PrefixAREnergy":
-        """Energies of block proposals after the committed ``prefix`` (R0, lo) (sampling/blocks.py)."""
-        return PrefixAREnergy(self, prefix)
-
-
-class PrefixAREnergy:
-    """Block proposals x0[lo:hi] scored by the AR (coAR) energy given their row's committed prefix: only
-    log p_AR(x0^i | x0^{<i}) for i in the block (the prefix's terms are one constant per row)."""
-
-    needs_rows = True
-
-    def __init__(self, energy: AREnergy, prefix: torch.Tensor):
-        self.energy, self.prefix = energy, prefix
-        self.lo = prefix.shape[1]
-
-    @torch.no_grad()
-    def __call__(self, x0, x_t, log_mu_tokens, t, *, rows):
-        rows_in = torch.cat([self.prefix[rows.to(self.prefix.device)], x0], dim=1)
-        log_p = self.energy.token_log_probs(rows_in)[:, self.lo:]
-        return self.energy.block_energy(log_p, log_mu_tokens, x_t, start=self.lo)
+    def prefix_session(self, batch: int, length: int) -> ARPrefixSession:
+        """Block-wise sampling's view of this energy for one batch (sampling/prefix_energies.py): the committed
+        prefix in a KV cache shared by all proposals and steps of a block (``prefix_cache``), or recomputed."""
+        return ARPrefixSession(self, length, cached=self.prefix_cache)
 
 
 class NCEEnergy:
@@ -131,24 +117,9 @@ class OracleEnergy:
         log_p_true = self.language.log_prob(x0.cpu()).to(x0.device)
         return oracle_energy(log_p_true, log_mu_tokens.to(torch.float64)).to(torch.float64)
 
-    def for_prefix(self, prefix: torch.Tensor, length: int) -> "PrefixOracleEnergy":
+    def prefix_session(self, batch: int, length: int) -> OraclePrefixSession:
         """Block proposals scored by the exact marginal log p_true(prefix, block) (the future summed out)."""
-        return PrefixOracleEnergy(self.language, prefix)
-
-
-class PrefixOracleEnergy:
-    """``-log p_true(prefix, x0_block) + log p_theta(x0_block | x_t)``: the exact block energy (sampling/blocks.py)."""
-
-    needs_rows = True
-
-    def __init__(self, language, prefix: torch.Tensor):
-        self.language, self.prefix = language, prefix
-
-    @torch.no_grad()
-    def __call__(self, x0, x_t, log_mu_tokens, t, *, rows):
-        rows_in = torch.cat([self.prefix[rows.to(self.prefix.device)], x0], dim=1)
-        log_p_true = self.language.prefix_log_prob(rows_in.cpu()).to(x0.device)
-        return oracle_energy(log_p_true, log_mu_tokens.to(torch.float64)).to(torch.float64)
+        return OraclePrefixSession(self.language)
 
 
 def build_energy(kind: str, *, mask_id: int, ar_model: Optional[torch.nn.Module] = None,

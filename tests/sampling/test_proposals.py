@@ -1,7 +1,7 @@
 """Distributed proposal sampler: distributed ≡ single rank.
 
 Two gloo ranks sample with the k proposals split over them (k = 4, 3 and 1: divisible, uneven,
-fewer proposals than ranks), and as two data-parallel groups, and (second fork) with a
+fewer proposals than ranks; block-wise with the cached coAR energy), and as two data-parallel groups, and (second fork) with a
 tensor-parallel diffusion + AR energy pair. Every layout must give exactly the tokens of one process
 drawing all k itself, with x_t identical on every rank after every step (per-step hashes).
 """
@@ -23,6 +23,7 @@ from edlm_dist.parallel.proposals import default_proposal_parallel, proposal_spl
 from edlm_dist.parallel.spawn import run_on_ranks
 from edlm_dist.sampling.cli import _batches
 from edlm_dist.sampling.energy_fns import AREnergy
+from edlm_dist.sampling.blocks import sample_rows
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
 
 pytestmark = pytest.mark.multirank
@@ -35,6 +36,8 @@ CASES = {  # name: settings
     "k3": SamplerSettings(sampler="edlm", steps=8, k=3, window=0.5, seed=9),
     "k1": SamplerSettings(sampler="edlm", steps=8, k=1, window=0.5, seed=9),
     "k4_reuse": SamplerSettings(sampler="edlm", steps=8, k=4, window=0.5, seed=9, redraw_every_step=False),
+    # block-wise, with the coAR energy's prefix KV cache extended on every rank (sampling/prefix_energies.py)
+    "k3_blocks": SamplerSettings(sampler="edlm", steps=3, k=3, window=1.0, seed=9, block_size=3),
 }
 DATA_PARALLEL = SamplerSettings(sampler="edlm", steps=8, k=2, window=1.0, seed=4)
 
@@ -59,8 +62,8 @@ def _models(states):
 
 
 def _sample(denoiser, energy, settings, ids, proposals=None):
-    out = sample_batch(denoiser, settings, ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
-                       trace=True)
+    out = sample_rows(denoiser, settings, ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
+                      trace=True)
     return {"tokens": out.tokens, "hashes": out.step_hashes, "ess": out.ess_per_step,
             "energy_evaluations": out.energy_evaluations}
 
@@ -114,7 +117,7 @@ def _rank_tp2(states):
     denoiser, energy = _models(states)  # both models sharded over the two ranks
     layout = sampling_layout(ctx, 0, CASES["k4"].k)
     assert (layout.proposal_size, layout.data_size, layout.writes) == (1, 1, ctx.rank == 0)
-    return _sample(denoiser, energy, CASES["k4"], IDS, layout.proposals)
+    return {name: _sample(denoiser, energy, CASES[name], IDS, layout.proposals) for name in ("k4", "k3_blocks")}
 
 
 def test_proposal_split_and_default_group_size():
@@ -153,5 +156,6 @@ def test_two_ranks_sample_exactly_what_one_rank_samples(states, reference):
 def test_tensor_parallel_models_sample_what_dense_models_sample(states, reference):
     ranks = run_on_ranks(_rank_tp2, 2, states, timeout=240)
     for rank in ranks:
-        assert torch.equal(rank["tokens"], reference["k4"]["tokens"])
-        assert rank["hashes"] == reference["k4"]["hashes"]
+        for name in ("k4", "k3_blocks"):
+            assert torch.equal(rank[name]["tokens"], reference[name]["tokens"]), name
+            assert rank[name]["hashes"] == reference[name]["hashes"], name

@@ -178,6 +178,7 @@ class SyntheticLanguage:
 
     def log_prob(self, rows: torch.Tensor) -> torch.Tensor:
         """Exact log p(row) in float64, shape (n,); finite for any ids in [0, vocab_size)."""
+        self._check_rows(rows)  # whole rows only (prefix_log_prob takes shorter ones)
         return self.prefix_log_prob(rows)
 
     def prefix_log_prob(self, prefixes: torch.Tensor) -> torch.Tensor:

@@ -180,6 +180,20 @@ def test_state_dict_and_attributes():
     assert lang.tokenizer.encode(text) == row.tolist()
 
 
+def test_prefix_log_prob_is_the_marginal_over_every_continuation():
+    """log p(x_0..x_{m-1}) = log of the sum of p over the rows that start with it (enumeration, 81 rows)."""
+    lang = SyntheticLanguage(SyntheticConfig(num_tokens=3, num_topics=2, branching=2, smoothing=0.05, seed=3), 6)
+    rows = torch.tensor([[lang.bos_id, *body, lang.eos_id] for body in itertools.product(range(3), repeat=4)])
+    p_rows = lang.log_prob(rows).exp()
+    for m in range(1, 7):
+        prefixes, owner = torch.unique(rows[:, :m], dim=0, return_inverse=True)
+        marginal = torch.zeros(len(prefixes), dtype=torch.float64).index_add_(0, owner, p_rows)
+        torch.testing.assert_close(lang.prefix_log_prob(prefixes).exp(), marginal, rtol=1e-12, atol=1e-15)
+    assert torch.equal(lang.prefix_log_prob(rows), lang.log_prob(rows))  # m = L is log_prob, bit for bit
+    with pytest.raises(DataError, match="1 <= m <= 6"):
+        lang.prefix_log_prob(torch.zeros(2, 7, dtype=torch.long))
+
+
 def test_bad_inputs_raise_clear_errors():
     lang = SyntheticLanguage(SyntheticConfig(num_tokens=4), 6)
     good = lang.sample(2, torch.Generator().manual_seed(0))

@@ -46,11 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, _) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == "prepare-data":
-            p.add_argument("--source", required=True, choices=["synthetic", "text", "jsonl", "hf", "text8"])
+            p.add_argument("--source", required=True, choices=["synthetic", "text", "jsonl", "hf", "text8", "pydoc"],
+                           help="pydoc: CPython's own help topics (465 KB of English, ships with Python)")
             p.add_argument("--input", help="input file or folder (text, jsonl, text8, or a saved HF dataset)")
             p.add_argument("--config", dest="config", default=None, help="optional YAML config (data section is used)")
             p.add_argument("--seq-len", type=int, default=None, help="row length L (default: data.seq_len)")
-            p.add_argument("--tokenizer", default=None, help="gpt2 | char | synthetic | a local GPT-2 tokenizer folder")
+            p.add_argument("--tokenizer", default=None, help="char | byte (learnt from the training text) | gpt2 | "
+                           "text8 | synthetic | hf:NAME | a tokenizer folder (default: data.tokenizer)")
+            p.add_argument("--tokenizer-vocab", type=int, default=None, help="size of a learnt char/byte "
+                           "tokenizer; 0 = every character / the 256 bytes (default: data.tokenizer_vocab)")
+            p.add_argument("--max-unk-rate", type=float, default=None, help="refuse a split with a larger share of "
+                           "[UNK] tokens (default: data.max_unk_rate = 0.01; 1 accepts any)")
             p.add_argument("--no-wrap", action="store_true", help="one document per row instead of MDLM wrapping")
             p.add_argument("--shard-rows", type=int, default=None, help="rows per .tar shard")
             p.add_argument("--seed", type=int, default=None)

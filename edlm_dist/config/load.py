@@ -113,7 +113,11 @@ def validate_config(cfg: RunConfig) -> None:
     _one_of(p.backend, ["auto", "gloo", "nccl"], "parallel.backend")
     _check(p.timeout_s >= 1, "parallel.timeout_s must be >= 1")
     _check(d.seq_len >= 4, f"data.seq_len must be >= 4 (got {d.seq_len})")
-    _one_of(d.source, ["synthetic", "text", "jsonl", "hf", "text8"], "data.source")
+    _one_of(d.source, ["synthetic", "text", "jsonl", "hf", "text8", "pydoc"], "data.source")
+    _check(d.tokenizer_vocab >= 0, f"data.tokenizer_vocab must be >= 0 (got {d.tokenizer_vocab}; 0 = automatic)")
+    _check(0.0 <= d.max_unk_rate <= 1.0, f"data.max_unk_rate must be in [0, 1] (got {d.max_unk_rate})")
+    _check(d.read_retries >= 0 and d.retry_delay_s >= 0,
+           f"data.read_retries and data.retry_delay_s must be >= 0 (got {d.read_retries}, {d.retry_delay_s})")
     _one_of(t.objective, ["mdlm", "ar", "nce"], "train.objective")
     _one_of(t.lr_schedule, ["constant", "cosine"], "train.lr_schedule")
     _one_of(t.precision, ["auto", "fp32", "bf16"], "train.precision")

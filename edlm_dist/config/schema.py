@@ -51,15 +51,19 @@ class SyntheticConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = ""  # prepared shard folder with manifest.json
-    source: str = "synthetic"  # synthetic | text | jsonl | hf | text8
-    tokenizer: str = "synthetic"  # synthetic | gpt2 | char | a local GPT-2 tokenizer folder
+    dir: str = ""  # prepared dataset: a folder, an http(s):// URL or a pipe: command with {} (docs/data.md)
+    source: str = "synthetic"  # synthetic | text | jsonl | hf | text8 | pydoc (CPython's help topics)
+    tokenizer: str = "synthetic"  # synthetic | char | byte | gpt2 | text8 | hf:NAME | a tokenizer folder
+    tokenizer_vocab: int = 0  # char/byte learnt from the training text: 0 = every char / the 256 bytes; else the size
+    max_unk_rate: float = 0.01  # prepare-data refuses a split with a larger share of [UNK] tokens (1.0: accept any)
     seq_len: int = 32
     vocab_size: int = 0  # 0: take it from the manifest / tokenizer
     wrap: bool = False  # MDLM [BOS]+chunk+[EOS] wrapping (spec §1.2); synthetic rows are whole documents
     shard_rows: int = 5000
     shuffle_buffer: int = 512
     num_workers: int = 0
+    read_retries: int = 2  # remote shards: retries after a failed read (then an error, never a skipped shard)
+    retry_delay_s: float = 1.0  # wait before the first retry; doubles with each further one
     seed: int = 1
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 

@@ -26,9 +26,14 @@ def cli_main(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         hf_name=args.hf_name,
         hf_split=args.hf_split,
+        tokenizer_vocab=data.tokenizer_vocab if args.tokenizer_vocab is None else args.tokenizer_vocab,
+        max_unk_rate=data.max_unk_rate if args.max_unk_rate is None else args.max_unk_rate,
         overwrite=args.overwrite,
         progress=cfg.logging.progress,
     )
     rows = {split: sum(s["rows"] for s in info["shards"]) for split, info in manifest["splits"].items()}
-    print(f"prepared {args.source} data in {args.out}: " + ", ".join(f"{k} {v} rows" for k, v in rows.items()))
+    print(f"prepared {args.source} data in {args.out}: " + ", ".join(f"{k} {v} rows" for k, v in rows.items())
+          + f"; tokenizer {manifest['tokenizer_spec']} (vocabulary {manifest['vocab_size']})")
+    for split, count in manifest.get("unknown_tokens", {}).items():
+        print(f"unknown tokens ([UNK]) in {split}: {count['rate']:.3%} ({count['unknown']} of {count['tokens']})")
     return 0

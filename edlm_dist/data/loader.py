@@ -1,5 +1,10 @@
 """Deterministic, exactly resumable streaming loader over prepared shards.
 
+Shards are read through WebDataset's URL layer (``webdataset.gopen`` + its tar iterator), so the
+dataset may be a local folder, an ``http(s)://`` URL or a ``pipe:`` command (:mod:`locations`); a
+failed remote read is retried at the row it had reached, then raises. The batches never depend on
+where the shards live.
+
 Design (WebDataset has no mid-epoch resume, so the order is a pure function we can re-enter):
 
 * **Streams.** Every data-parallel rank runs ``W = max(num_workers, 1)`` reader streams; stream
@@ -46,6 +51,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from edlm_dist.data.locations import DataLocation, RetryPolicy
 from edlm_dist.data.shards import ShardCursor, load_manifest, rerun_hint, split_shards
 from edlm_dist.errors import CheckpointError, ConfigError, DataError
 
@@ -69,9 +75,10 @@ def micro_batches_per_step(global_batch: int, micro_batch: int, dp_world: int) -
 class SplitIndex:
     """Shard files and row counts of one split, from the manifest."""
 
-    def __init__(self, data_dir: str | Path, split: str, manifest: Optional[dict] = None):
-        manifest = manifest if manifest is not None else load_manifest(data_dir)
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: str | Path, split: str, manifest: Optional[dict] = None,
+                 retry: RetryPolicy = RetryPolicy()):
+        self.data_dir = DataLocation(data_dir)  # a folder, URL or pipe: command (see data/locations.py)
+        manifest = manifest if manifest is not None else load_manifest(self.data_dir, retry)
         records = split_shards(manifest, split, self.data_dir)
         self.split = split
         self.files = [r["file"] for r in records]
@@ -108,12 +115,13 @@ class ShardStream(IterableDataset):
     def __init__(self, data_dir: str | Path, split: str = "train", *, micro_batch: int, dp_rank: int = 0,
                  dp_world: int = 1, num_workers: int = 0, seed: int = 0, shuffle: bool = True,
                  shuffle_buffer: int = 512, infinite: bool = True, max_rows: Optional[int] = None,
-                 manifest: Optional[dict] = None):
+                 manifest: Optional[dict] = None, retry: RetryPolicy = RetryPolicy()):
         if micro_batch < 1 or num_workers < 0 or not 0 <= dp_rank < dp_world:
             raise ConfigError(f"need micro_batch >= 1, num_workers >= 0 and 0 <= dp_rank < dp_world, got "
                               f"micro_batch={micro_batch}, num_workers={num_workers}, dp_rank={dp_rank}, "
                               f"dp_world={dp_world}")
-        self.index = SplitIndex(data_dir, split, manifest)
+        self.index = SplitIndex(data_dir, split, manifest, retry)
+        self.retry = retry
         self.micro_batch, self.dp_rank, self.dp_world = int(micro_batch), int(dp_rank), int(dp_world)
         self.num_workers, self.workers = int(num_workers), max(int(num_workers), 1)
         self.seed, self.shuffle, self.shuffle_buffer = int(seed), bool(shuffle), int(shuffle_buffer)
@@ -153,7 +161,7 @@ class ShardStream(IterableDataset):
         shuffling = self.shuffle and self.shuffle_buffer > 1
         window = self.shuffle_buffer if shuffling else READ_CHUNK_ROWS
         stream = self.dp_rank * self.workers + worker
-        cursor = ShardCursor(self.index.data_dir)
+        cursor = ShardCursor(self.index.data_dir, dict(zip(self.index.files, self.index.rows.tolist())), self.retry)
         try:
             while True:
                 order = self.index.shard_order(self.seed, epoch, self.shuffle)
@@ -249,18 +257,20 @@ class DataStream:
 
 def build_train_loader(data_dir: str | Path, split: str = "train", *, micro_batch: int, dp_rank: int = 0,
                        dp_world: int = 1, seed: int = 0, shuffle_buffer: int = 512, num_workers: int = 0,
-                       infinite: bool = True, manifest: Optional[dict] = None) -> DataStream:
+                       infinite: bool = True, manifest: Optional[dict] = None,
+                       retry: RetryPolicy = RetryPolicy()) -> DataStream:
     """Shuffled, resumable, by default infinite stream of ``(micro_batch, seq_len)`` LongTensors."""
     stream = ShardStream(data_dir, split, micro_batch=micro_batch, dp_rank=dp_rank, dp_world=dp_world,
                          num_workers=num_workers, seed=seed, shuffle=True, shuffle_buffer=shuffle_buffer,
-                         infinite=infinite, manifest=manifest)
+                         infinite=infinite, manifest=manifest, retry=retry)
     return DataStream(stream, resumable=True)
 
 
 def build_eval_loader(data_dir: str | Path, split: str = "valid", *, micro_batch: int, dp_rank: int = 0,
                       dp_world: int = 1, num_workers: int = 0, max_rows: Optional[int] = None,
-                      manifest: Optional[dict] = None) -> DataStream:
+                      manifest: Optional[dict] = None, retry: RetryPolicy = RetryPolicy()) -> DataStream:
     """Every row of ``split`` (or its first ``max_rows``) exactly once across ranks and workers."""
     stream = ShardStream(data_dir, split, micro_batch=micro_batch, dp_rank=dp_rank, dp_world=dp_world,
-                         num_workers=num_workers, shuffle=False, infinite=False, max_rows=max_rows, manifest=manifest)
+                         num_workers=num_workers, shuffle=False, infinite=False, max_rows=max_rows, manifest=manifest,
+                         retry=retry)
     return DataStream(stream, resumable=False)

@@ -5,7 +5,10 @@ Pipeline per split (``train``, ``valid``):
 1. documents from a source (:mod:`edlm_dist.data.sources`), or framed rows from the synthetic
    language (already ``[BOS] + tokens + [EOS]`` documents of length L: never wrapped);
 2. tokenize (no specials) and frame: MDLM wrapping (``wrap=True``, spec §1.2) or one document per
-   row(s) (``wrap=False``), see :mod:`edlm_dist.data.wrap`;
+   row(s) (``wrap=False``), see :mod:`edlm_dist.data.wrap`. A ``char`` or ``byte`` tokenizer is first
+   learnt from the training documents (:mod:`edlm_dist.data.learned_tokenizers`). Every split's share of
+   ``[UNK]`` tokens is counted, printed and recorded (``manifest["unknown_tokens"]``); a split above
+   ``max_unk_rate`` is refused before its shards are written (text the tokenizer cannot spell is lost);
 3. rows are spilled to a temporary raw file, then written in ``shard_rows``-row tars. Training
    rows are written in a seeded random order (``shuffle_train``) so that a streaming reader's
    neighbouring rows are not neighbouring text; validation rows keep corpus order.
@@ -16,7 +19,8 @@ Everything depends only on the inputs and ``seed``: two runs give byte-identical
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import platform
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -27,10 +31,12 @@ from tqdm import tqdm
 from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.data import shards as shard_io
 from edlm_dist.data import sources
+from edlm_dist.data.learned_tokenizers import learn_tokenizer
+from edlm_dist.data.tokenizers import LEARNED, build_tokenizer
 from edlm_dist.data.wrap import MDLM_GROUP_SIZE, frame_documents, wrap_documents
 from edlm_dist.errors import ConfigError, DataError
 
-SOURCES = ("synthetic", "text", "jsonl", "hf", "text8")
+SOURCES = ("synthetic", "text", "jsonl", "hf", "text8", "pydoc")
 SYNTHETIC_CHUNK_ROWS = 4096  # rows drawn per call: bounds memory; part of the determinism contract
 
 
@@ -45,9 +51,42 @@ def _synthetic_blocks(language: Any, n_rows: int, seed: int, split: str) -> Iter
         yield language.sample(min(SYNTHETIC_CHUNK_ROWS, n_rows - start), generator).numpy()
 
 
-def _document_blocks(docs: Iterable[str], tokenizer: Any, *, seq_len: int, wrap: bool,
-                     group_size: int) -> Iterator[np.ndarray]:
-    token_lists = (tokenizer.encode(text) for text in docs)
+@dataclass
+class UnknownCount:
+    """Tokens and ``[UNK]`` tokens of one split, counted as the documents are encoded."""
+
+    tokens: int = 0
+    unknown: int = 0
+
+    def rate(self) -> float:
+        return self.unknown / self.tokens if self.tokens else 0.0
+
+    def record(self) -> dict:
+        return {"tokens": self.tokens, "unknown": self.unknown, "rate": self.rate()}
+
+    def counted(self, token_lists: Iterable[list[int]], unk_id: Optional[int]) -> Iterator[list[int]]:
+        for ids in token_lists:
+            self.tokens += len(ids)
+            if unk_id is not None:
+                self.unknown += sum(1 for i in ids if i == unk_id)
+            yield ids
+
+
+def check_unknown_rate(count: UnknownCount, split: str, tokenizer_spec: str, max_rate: float) -> None:
+    """Refuse a split whose share of ``[UNK]`` tokens exceeds ``max_rate`` (that text would be lost)."""
+    if count.rate() <= max_rate:
+        return
+    accept = min(1.0, float(f"{count.rate():.2g}") + 0.01)
+    better = ("--tokenizer byte (nothing is unknown to it; the characters missing from the training text "
+              "are the [UNK]s here)" if tokenizer_spec == "char" else "--tokenizer char or byte (learnt from this text)")
+    raise DataError(f"{count.rate():.2%} of the {split} tokens ({count.unknown} of {count.tokens}) are [UNK] under "
+                    f"tokenizer {tokenizer_spec!r}, above data.max_unk_rate={max_rate:g}: that text would be lost; "
+                    f"fix: {better}, or accept the loss with --max-unk-rate {accept:g}")
+
+
+def _document_blocks(docs: Iterable[str], tokenizer: Any, *, seq_len: int, wrap: bool, group_size: int,
+                     count: UnknownCount) -> Iterator[np.ndarray]:
+    token_lists = count.counted((tokenizer.encode(text) for text in docs), getattr(tokenizer, "unk_id", None))
     if wrap:
         return wrap_documents(token_lists, seq_len=seq_len, bos_id=tokenizer.bos_id,
                               eos_id=tokenizer.eos_id, group_size=group_size)
@@ -91,6 +130,7 @@ class _Plan:
     record: dict
     totals: dict[str, int]  # documents (or synthetic rows) per split, for messages
     make_blocks: Callable[[str], Iterator[np.ndarray]]
+    unknown: dict[str, UnknownCount] = field(default_factory=dict)  # text sources only
 
 
 def _synthetic_plan(cfg: Optional[SyntheticConfig], seq_len: int, tokenizer_spec: Optional[str], seed: int,
@@ -137,6 +177,9 @@ def _document_spans(source: str, *, seq_len: int, wrap: bool, input_path: Any, v
                 sources.load_hf_dataset(hf_name=hf_name, hf_dataset=given, split=hf_valid_split), text_field)
             spans = {"train": sources.DocSpan(docs, 0, len(docs)), "valid": sources.DocSpan(valid, 0, len(valid))}
             return spans, record
+    elif source == "pydoc":
+        docs = sources.PydocTopics()
+        record.update(input="pydoc_data.topics", python=platform.python_version(), text_unit="paragraph")
     else:
         if input_path is None:
             raise ConfigError(f"source {source} needs --input pointing at a local file")
@@ -150,18 +193,23 @@ def _document_spans(source: str, *, seq_len: int, wrap: bool, input_path: Any, v
 
 
 def _document_plan(spans: dict[str, sources.DocSpan], record: dict, tokenizer_spec: str, *, seq_len: int,
-                   wrap: bool, group_size: int, progress: bool) -> _Plan:
-    from edlm_dist.data.tokenizers import build_tokenizer
-
-    tokenizer = build_tokenizer(tokenizer_spec)
-    record = {**record, "group_size": group_size if wrap else None}
+                   wrap: bool, group_size: int, tokenizer_vocab: int, progress: bool) -> _Plan:
     totals = {s: len(spans[s]) for s in shard_io.SPLITS}
+    if tokenizer_spec in LEARNED:  # fitted on the training documents only: validation text stays unseen
+        docs = tqdm(spans["train"], total=totals["train"], desc=f"train: learn {tokenizer_spec} tokenizer",
+                    unit=" docs", disable=not progress)
+        tokenizer = learn_tokenizer(tokenizer_spec, docs, tokenizer_vocab)
+    else:
+        tokenizer = build_tokenizer(tokenizer_spec)
+    record = {**record, "group_size": group_size if wrap else None}
+    unknown = {s: UnknownCount() for s in shard_io.SPLITS}
 
     def make_blocks(split: str) -> Iterator[np.ndarray]:
         docs = tqdm(spans[split], total=totals[split], desc=f"{split}: tokenize", unit=" docs", disable=not progress)
-        return _document_blocks(docs, tokenizer, seq_len=seq_len, wrap=wrap, group_size=group_size)
+        return _document_blocks(docs, tokenizer, seq_len=seq_len, wrap=wrap, group_size=group_size,
+                                count=unknown[split])
 
-    return _Plan(tokenizer, str(tokenizer_spec), record, totals, make_blocks)
+    return _Plan(tokenizer, str(tokenizer_spec), record, totals, make_blocks, unknown)
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -200,6 +248,8 @@ def prepare_data(
     hf_valid_split: Optional[str] = None,
     text8_eval_split: str = "test",
     group_size: int = MDLM_GROUP_SIZE,
+    tokenizer_vocab: int = 0,
+    max_unk_rate: float = 0.01,
     shuffle_train: bool = True,
     overwrite: bool = False,
     progress: bool = True,
@@ -214,7 +264,9 @@ def prepare_data(
     ``wrap``: None means the source default (False for synthetic, True otherwise); synthetic rows are
     whole documents whose exact likelihood is known, so wrapping them is refused. Train/valid:
     last ``valid_docs`` (else ``ceil(valid_fraction * n)``) documents are validation, unless
-    ``hf_valid_split`` names an HF split; text8 uses the D3PM character split.
+    ``hf_valid_split`` names an HF split; text8 uses the D3PM character split. ``tokenizer_spec``
+    ``char``/``byte`` learns the tokenizer from the training documents (``tokenizer_vocab``: its size, 0 =
+    automatic); any split with more than ``max_unk_rate`` ``[UNK]`` tokens is refused.
     """
     if source not in SOURCES:
         raise ConfigError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
@@ -226,8 +278,10 @@ def prepare_data(
         raise ConfigError("synthetic rows are already whole [BOS]...[EOS] documents with an exact likelihood; "
                           "set data.wrap=false for source synthetic")
     if source != "synthetic" and tokenizer_spec in ("synthetic", None, ""):
-        raise ConfigError(f"source {source} needs a text tokenizer; set data.tokenizer to gpt2, char "
-                          "or a local GPT-2 tokenizer folder")
+        raise ConfigError(f"source {source} needs a text tokenizer; set data.tokenizer to char or byte (learnt "
+                          "from the text), gpt2, text8 or a tokenizer folder")
+    if not 0.0 <= max_unk_rate <= 1.0:
+        raise ConfigError(f"max_unk_rate={max_unk_rate} must be in [0, 1] (the largest accepted share of [UNK])")
     out_dir = Path(out_dir)
     if source == "synthetic":
         plan = _synthetic_plan(synthetic_cfg, seq_len, tokenizer_spec, seed, progress)
@@ -238,7 +292,7 @@ def prepare_data(
             hf_dataset=hf_dataset, hf_split=hf_split, hf_valid_split=hf_valid_split,
             text8_eval_split=text8_eval_split)
         plan = _document_plan(spans, record, tokenizer_spec, seq_len=seq_len, wrap=wrap, group_size=group_size,
-                              progress=progress)
+                              tokenizer_vocab=tokenizer_vocab, progress=progress)
     tokenizer = plan.tokenizer
 
     _prepare_out_dir(out_dir, overwrite)
@@ -250,21 +304,28 @@ def prepare_data(
         "shard_rows": int(shard_rows), "row_dtype": np.dtype(shard_io.ROW_DTYPE).name,
         "sample_key": shard_io.SAMPLE_EXT, "shuffled_train": bool(shuffle_train), "splits": {},
     }
-    for split in shard_io.SPLITS:
-        spill = out_dir / f".rows-{split}.tmp"
-        try:
+    spills = {split: out_dir / f".rows-{split}.tmp" for split in shard_io.SPLITS}
+    try:
+        rows = {}
+        for split in shard_io.SPLITS:  # tokenize every split before writing any shard
             unit = "rows" if source == "synthetic" else "documents"
-            rows = _spill(plan.make_blocks(split), spill, seq_len, tokenizer.vocab_size)
-            if len(rows) == 0:
+            rows[split] = _spill(plan.make_blocks(split), spills[split], seq_len, tokenizer.vocab_size)
+            if len(rows[split]) == 0:
                 raise DataError(f"the {split} split produced no rows of length {seq_len} ({plan.totals[split]} "
                                 f"{unit}); use more input data or a smaller seq_len")
+            if split in plan.unknown:
+                check_unknown_rate(plan.unknown[split], split, plan.tokenizer_spec, max_unk_rate)
+        if plan.unknown:
+            manifest["unknown_tokens"] = {split: count.record() for split, count in plan.unknown.items()}
+        for split in shard_io.SPLITS:
             order = None
             if split == "train" and shuffle_train:  # its own stream, not the synthetic sampler's
-                order = np.random.default_rng([int(seed), 1000]).permutation(len(rows))
-            manifest["splits"][split] = _write_split(out_dir, split, rows, shard_rows=shard_rows, order=order,
+                order = np.random.default_rng([int(seed), 1000]).permutation(len(rows[split]))
+            manifest["splits"][split] = _write_split(out_dir, split, rows[split], shard_rows=shard_rows, order=order,
                                                      progress=progress)
-            del rows
-        finally:
+        del rows
+    finally:
+        for spill in spills.values():
             spill.unlink(missing_ok=True)
     tokenizer.save(out_dir / shard_io.TOKENIZER_DIR)
     shard_io.write_manifest(out_dir, manifest)

@@ -29,7 +29,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from edlm_dist.errors import ConfigError, DataError
+from webdataset.gopen import gopen
+from webdataset.tariterators import tar_file_iterator
+
+from edlm_dist.data.locations import TRANSIENT_ERRORS, DataLocation, RetryPolicy, backoff, close_quietly, is_remote
+from edlm_dist.errors import DataError
 
 FORMAT_NAME = "edlm-dist-shards"
 FORMAT_VERSION = 1
@@ -40,7 +44,9 @@ ROW_DTYPE = np.int32
 SPLITS = ("train", "valid")
 
 
-def rerun_hint(data_dir: str | Path) -> str:
+def rerun_hint(data_dir: str | Path | DataLocation) -> str:
+    if is_remote(str(data_dir)):
+        return f"re-run `edlm prepare-data ... --out DIR` and publish DIR again at {data_dir}"
     return f"re-run `edlm prepare-data ... --out {data_dir}` (add --overwrite to replace it)"
 
 
@@ -117,29 +123,61 @@ def write_shard(data_dir: Path, split: str, index: int, rows: np.ndarray, first_
     return {"file": name, "rows": int(len(rows)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def iter_shard_rows(path: str | Path, start: int = 0, data_dir: str | Path | None = None) -> Iterator[np.ndarray]:
-    """Rows ``start, start+1, ...`` of one shard (members before ``start`` are skipped unread)."""
-    hint = rerun_hint(data_dir if data_dir is not None else Path(path).parent.parent)
+def _rows_once(url: str, start: int) -> Iterator[np.ndarray]:
+    """Rows ``start, start+1, ...`` of one shard, opened once through WebDataset's URL layer."""
+    stream = gopen(url, "rb")
+    finished = False
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            index = 0
-            while (member := tar.next()) is not None:
-                if index >= start:
-                    if not member.isfile() or not member.name.endswith("." + SAMPLE_EXT):
-                        raise DataError(f"shard {path} is corrupt (unexpected member {member.name!r}); {hint}")
-                    yield decode_row(tar.extractfile(member).read())
-                index += 1
-    except FileNotFoundError as err:
-        raise DataError(f"shard file {path} is missing; {hint}") from err
-    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
-        raise DataError(f"shard {path} is corrupt or truncated ({err}); {hint}") from err
+        for index, sample in enumerate(tar_file_iterator(stream, skip_meta=None)):
+            if not sample["fname"].endswith("." + SAMPLE_EXT):
+                raise DataError(f"unexpected member {sample['fname']!r}")
+            if index >= start:
+                yield decode_row(sample["data"])
+        finished = True
+    finally:
+        # Read to the end: a command's or curl's failure status counts (the tail may be missing).
+        # Abandoned half-way: the reader's own close makes the command exit on a broken pipe.
+        close_quietly(stream, raise_errors=finished)
+
+
+def iter_shard_rows(url: str | Path, start: int = 0, data_dir: str | Path | None = None, *,
+                    expected_rows: Optional[int] = None, retry: RetryPolicy = RetryPolicy()) -> Iterator[np.ndarray]:
+    """Rows ``start, start+1, ...`` of one shard (a local path, ``pipe:`` command or URL; see :mod:`locations`).
+
+    A local shard that is missing or corrupt raises at once. A remote one is re-opened after a failure
+    (including ending before ``expected_rows`` rows) and continues at the row it had reached, up to
+    ``retry.retries`` times; then a :class:`DataError` names the URL. No row is skipped or repeated.
+    """
+    url = str(url)
+    hint = rerun_hint(data_dir if data_dir is not None else Path(url).parent.parent)
+    remote, index, failures = is_remote(url), start, 0
+    while True:
+        try:
+            for row in _rows_once(url, index):
+                yield row
+                index, failures = index + 1, 0
+            if remote and expected_rows is not None and index < expected_rows:
+                raise EOFError(f"the stream ended after {index} of {expected_rows} rows")
+            return
+        except DataError as err:
+            raise DataError(f"shard {url} is corrupt ({err}); {hint}") from err
+        except (tarfile.TarError, *TRANSIENT_ERRORS) as err:
+            if isinstance(err, FileNotFoundError) and not remote:
+                raise DataError(f"shard file {url} is missing; {hint}") from err
+            if not remote:
+                raise DataError(f"shard {url} is corrupt or truncated ({err}); {hint}") from err
+            failures += 1
+            backoff(url, failures, retry, err)
 
 
 class ShardCursor:
     """Reads consecutive row ranges, keeping the last shard open so sequential reads do not re-skip."""
 
-    def __init__(self, data_dir: str | Path):
-        self.data_dir = Path(data_dir)
+    def __init__(self, data_dir: str | Path, rows_per_file: Optional[dict[str, int]] = None,
+                 retry: RetryPolicy = RetryPolicy()):
+        self.location = DataLocation(data_dir)
+        self.rows_per_file = rows_per_file or {}
+        self.retry = retry
         self._file: Optional[str] = None
         self._next = 0
         self._rows: Optional[Iterator[np.ndarray]] = None
@@ -147,15 +185,16 @@ class ShardCursor:
     def read(self, file: str, start: int, count: int) -> list[np.ndarray]:
         if self._rows is None or file != self._file or start != self._next:
             self.close()
-            self._rows = iter_shard_rows(self.data_dir / file, start, self.data_dir)
+            self._rows = iter_shard_rows(self.location.url(file), start, self.location,
+                                         expected_rows=self.rows_per_file.get(file), retry=self.retry)
             self._file = file
         out = []
         for _ in range(count):
             row = next(self._rows, None)
             if row is None:
                 raise DataError(
-                    f"shard {self.data_dir / file} is corrupt or truncated (fewer rows than its manifest "
-                    f"says); {rerun_hint(self.data_dir)}"
+                    f"shard {self.location.url(file)} is corrupt or truncated (fewer rows than its manifest "
+                    f"says); {rerun_hint(self.location)}"
                 )
             out.append(row)
         self._next = start + count
@@ -163,7 +202,7 @@ class ShardCursor:
 
     def close(self) -> None:
         if self._rows is not None:
-            self._rows.close()  # closes the tar file inside the generator
+            self._rows.close()  # closes the tar stream inside the generator
         self._rows, self._file = None, None
 
 
@@ -178,30 +217,28 @@ def write_manifest(data_dir: str | Path, manifest: dict) -> None:
     os.replace(temp, path)
 
 
-def load_manifest(data_dir: str | Path) -> dict:
-    """The manifest of a prepared folder; :class:`DataError` when the folder is not one."""
-    if not str(data_dir):
-        raise ConfigError("data.dir is empty; run `edlm prepare-data ... --out DIR` and set data.dir=DIR")
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise DataError(f"data dir {data_dir} does not exist; run `edlm prepare-data ... --out {data_dir}` "
+def load_manifest(data_dir: str | Path | DataLocation, retry: RetryPolicy = RetryPolicy()) -> dict:
+    """The manifest of a prepared dataset (a folder or a URL); :class:`DataError` when it is not one."""
+    location = data_dir if isinstance(data_dir, DataLocation) else DataLocation(data_dir)
+    if not location.is_dir():
+        raise DataError(f"data dir {location} does not exist; run `edlm prepare-data ... --out {location}` "
                         "first (or fix data.dir)")
-    path = data_dir / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{data_dir} has no {MANIFEST} (not prepared, or prepare-data was interrupted); "
-                        f"{rerun_hint(data_dir)}")
+    path = location.url(MANIFEST)
+    if not location.remote and not Path(path).is_file():
+        raise DataError(f"{location} has no {MANIFEST} (not prepared, or prepare-data was interrupted); "
+                        f"{rerun_hint(location)}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(location.read_bytes(MANIFEST, retry).decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path} is unreadable or not valid JSON ({err}); {rerun_hint(data_dir)}") from err
+        raise DataError(f"{path} is unreadable or not valid JSON ({err}); {rerun_hint(location)}") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise DataError(f"{path} is not an edlm-dist data manifest; {rerun_hint(data_dir)}")
+        raise DataError(f"{path} is not an edlm-dist data manifest; {rerun_hint(location)}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format version {manifest.get('format_version')}, this edlm-dist reads "
-                        f"version {FORMAT_VERSION}; {rerun_hint(data_dir)}")
+                        f"version {FORMAT_VERSION}; {rerun_hint(location)}")
     for key in ("seq_len", "vocab_size", "tokenizer", "splits"):
         if key not in manifest:
-            raise DataError(f"{path} lacks the key {key!r}; {rerun_hint(data_dir)}")
+            raise DataError(f"{path} lacks the key {key!r}; {rerun_hint(location)}")
     return manifest
 
 
@@ -217,7 +254,7 @@ def split_shards(manifest: dict, split: str, data_dir: str | Path) -> list[dict]
 # ---------------------------------------------------------------------------------- validation
 
 
-def _check_config(manifest: dict, data_dir: Path, seq_len: int, vocab_size: Optional[int],
+def _check_config(manifest: dict, data_dir: DataLocation, seq_len: int, vocab_size: Optional[int],
                   tokenizer_name: Optional[str]) -> None:
     hint = rerun_hint(data_dir)
     if int(manifest["seq_len"]) != int(seq_len):
@@ -235,36 +272,56 @@ def _check_config(manifest: dict, data_dir: Path, seq_len: int, vocab_size: Opti
                             f"{tokenizer_name!r}; set data.tokenizer={manifest.get('tokenizer_spec')} or {hint}")
 
 
-def _check_shard(data_dir: Path, record: dict, seq_len: int, vocab_size: int, check_contents: bool) -> None:
-    hint = rerun_hint(data_dir)
-    path = data_dir / record["file"]
-    if not path.is_file():
-        raise DataError(f"shard file {path} is missing; {hint}")
-    size = path.stat().st_size
-    if size < int(record["bytes"]):
-        raise DataError(f"shard {path} is truncated ({size} of {record['bytes']} bytes); {hint}")
-    if size != int(record["bytes"]):
-        raise DataError(f"shard {path} has {size} bytes, the manifest says {record['bytes']} (checksum "
-                        f"mismatch: the file changed after prepare-data); {hint}")
-    if not check_contents:
-        return
+def _check_rows(rows: Iterator[np.ndarray], name: str, record: dict, seq_len: int, vocab_size: int,
+                hint: str) -> None:
     count = 0
-    for row in iter_shard_rows(path, 0, data_dir):
+    for row in rows:
         if row.ndim != 1 or row.shape[0] != seq_len:
-            raise DataError(f"shard {path} row {count} has shape {tuple(row.shape)}, expected ({seq_len},) "
+            raise DataError(f"shard {name} row {count} has shape {tuple(row.shape)}, expected ({seq_len},) "
                             f"(seq_len from the manifest); {hint}")
         if row.dtype.kind not in "iu":
-            raise DataError(f"shard {path} row {count} has dtype {row.dtype}, expected integer ids; {hint}")
+            raise DataError(f"shard {name} row {count} has dtype {row.dtype}, expected integer ids; {hint}")
         low, high = int(row.min()), int(row.max())
         if low < 0 or high >= vocab_size:
-            raise DataError(f"shard {path} row {count} holds token id {high if high >= vocab_size else low} "
+            raise DataError(f"shard {name} row {count} holds token id {high if high >= vocab_size else low} "
                             f"outside the vocabulary [0, {vocab_size}); {hint} with the right tokenizer")
         count += 1
     if count != int(record["rows"]):
-        raise DataError(f"shard {path} is corrupt or truncated (it holds {count} readable rows, the manifest "
+        raise DataError(f"shard {name} is corrupt or truncated (it holds {count} readable rows, the manifest "
                         f"says {record['rows']}); {hint}")
-    if sha256_file(path) != record["sha256"]:
-        raise DataError(f"shard {path} fails its sha256 checksum (the file changed after prepare-data); {hint}")
+
+
+def _check_size(name: str, size: int, record: dict, hint: str) -> None:
+    if size < int(record["bytes"]):
+        raise DataError(f"shard {name} is truncated ({size} of {record['bytes']} bytes); {hint}")
+    if size != int(record["bytes"]):
+        raise DataError(f"shard {name} has {size} bytes, the manifest says {record['bytes']} (checksum "
+                        f"mismatch: the file changed after prepare-data); {hint}")
+
+
+def _check_shard(location: DataLocation, record: dict, seq_len: int, vocab_size: int, check_contents: bool,
+                 retry: RetryPolicy) -> None:
+    hint = rerun_hint(location)
+    name = location.url(record["file"])
+    if location.remote:  # one download, checked like a local file
+        data = location.read_bytes(record["file"], retry)
+        _check_size(name, len(data), record, hint)
+        if hashlib.sha256(data).hexdigest() != record["sha256"]:
+            raise DataError(f"shard {name} fails its sha256 checksum (the file changed after prepare-data); {hint}")
+        try:
+            rows = [decode_row(s["data"]) for s in tar_file_iterator(io.BytesIO(data), skip_meta=None)]
+        except (tarfile.TarError, ValueError, EOFError) as err:
+            raise DataError(f"shard {name} is corrupt or truncated ({err}); {hint}") from err
+        _check_rows(iter(rows), name, record, seq_len, vocab_size, hint)
+        return
+    if not Path(name).is_file():
+        raise DataError(f"shard file {name} is missing; {hint}")
+    _check_size(name, Path(name).stat().st_size, record, hint)
+    if not check_contents:
+        return
+    _check_rows(iter_shard_rows(name, 0, location), name, record, seq_len, vocab_size, hint)
+    if sha256_file(name) != record["sha256"]:
+        raise DataError(f"shard {name} fails its sha256 checksum (the file changed after prepare-data); {hint}")
 
 
 def validate_dataset(
@@ -275,19 +332,24 @@ def validate_dataset(
     tokenizer_name: Optional[str] = None,
     check_contents: bool = True,
     splits: tuple[str, ...] = SPLITS,
+    retry: RetryPolicy = RetryPolicy(),
 ) -> dict:
-    """Check a prepared folder against the run config before training; returns the manifest.
+    """Check a prepared dataset against the run config before training; returns the manifest.
 
-    Always: folder + manifest present, manifest agrees with ``seq_len`` / ``vocab_size`` (0 or None:
-    not checked) / ``tokenizer_name`` (the tokenizer's name or the spec given to prepare-data),
-    every split has shards, every shard exists with its recorded byte size. With
-    ``check_contents`` (reads everything once): tars parse, every row has length ``seq_len`` and
-    ids in ``[0, vocab_size)``, row counts and sha256 match the manifest.
+    Always: manifest present, agreeing with ``seq_len`` / ``vocab_size`` (0 or None: not checked) /
+    ``tokenizer_name`` (the tokenizer's name or the spec given to prepare-data), every split has shards.
+    A local folder: every shard exists with its recorded byte size; with ``check_contents`` (reads
+    everything once) tars parse, every row has length ``seq_len`` and ids in ``[0, vocab_size)``, row
+    counts and sha256 match the manifest. A remote dataset (URL, ``pipe:``): the first shard of each split
+    gets that full check (downloading every shard on every rank before training would cost more than the
+    run's first epoch); the rest are checked as they stream (a corrupt or missing one raises then).
     """
-    manifest = load_manifest(data_dir)  # before Path(): Path("") would read as "."
-    data_dir = Path(data_dir)
-    _check_config(manifest, data_dir, seq_len, vocab_size, tokenizer_name)
+    location = DataLocation(data_dir)
+    manifest = load_manifest(location, retry)
+    _check_config(manifest, location, seq_len, vocab_size, tokenizer_name)
     for split in splits:
-        for record in split_shards(manifest, split, data_dir):
-            _check_shard(data_dir, record, int(manifest["seq_len"]), int(manifest["vocab_size"]), check_contents)
+        records = split_shards(manifest, split, location)
+        for record in records[:1] if location.remote else records:
+            _check_shard(location, record, int(manifest["seq_len"]), int(manifest["vocab_size"]), check_contents,
+                         retry)
     return manifest

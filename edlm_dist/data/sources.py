@@ -1,4 +1,4 @@
-"""Document sources for ``edlm prepare-data``: local text, JSONL, HF datasets and text8.
+"""Document sources for ``edlm prepare-data``: local text, JSONL, HF datasets, text8, and ``pydoc``.
 
 Every source is a random-access list of documents (``len`` + ``iter_range(start, stop)``) so the
 train/valid split is a pair of index ranges and nothing large is held in memory (text/JSONL files
@@ -12,6 +12,9 @@ Choices (the spec leaves them open):
   OpenWebText split (``train[-100000:]``, spec §1.2): ``valid_docs`` documents when given, else
   ``ceil(valid_fraction * n)``. OpenWebText's paper split is ``source="hf", valid_docs=100000``.
   An HF dataset with its own validation split can use it instead (``hf_valid_split``).
+* ``pydoc``: a real English corpus that ships with every CPython, the pydoc help topics
+  (``pydoc_data.topics``: 79 topics, about 465 KB written by the Python documentation authors), as
+  the paragraphs of the topics in alphabetical order. No download: the text demo runs offline.
 * ``text8`` (spec §1.3): D3PM split train [0, 90M), validation [90M, 95M), test [95M, 100M) chars,
   or the same 90/5/5 proportions for a smaller file; MDLM validates on the *test* part, so
   ``valid/`` holds the test part unless ``text8_eval_split="validation"``. Each part is cut into
@@ -86,22 +89,25 @@ class TextFileDocuments:
         self.unit = unit
         self._count: Optional[int] = None
 
+    def _lines(self) -> Iterator[str]:
+        with open(self.path, encoding="utf-8") as handle:
+            yield from handle
+
     def _iter_all(self) -> Iterator[str]:
         try:
-            with open(self.path, encoding="utf-8") as handle:
-                paragraph: list[str] = []
-                for line in handle:
-                    line = line.rstrip("\r\n")
-                    if self.unit == "line":
-                        if line.strip():
-                            yield line
-                    elif line.strip():
-                        paragraph.append(line)
-                    elif paragraph:
-                        yield "\n".join(paragraph)
-                        paragraph = []
-                if paragraph:
+            paragraph: list[str] = []
+            for line in self._lines():
+                line = line.rstrip("\r\n")
+                if self.unit == "line":
+                    if line.strip():
+                        yield line
+                elif line.strip():
+                    paragraph.append(line)
+                elif paragraph:
                     yield "\n".join(paragraph)
+                    paragraph = []
+            if paragraph:
+                yield "\n".join(paragraph)
         except (OSError, UnicodeDecodeError) as err:
             raise _unreadable(self.path, err) from err
 
@@ -212,6 +218,22 @@ def split_last(docs: Documents, *, valid_fraction: float, valid_docs: Optional[i
             "data; use a larger input or lower valid_docs / valid_fraction"
         )
     return {"train": DocSpan(docs, 0, n - valid_docs), "valid": DocSpan(docs, n - valid_docs, n)}
+
+
+class PydocTopics(TextFileDocuments):
+    """Paragraphs of CPython's pydoc help topics (``pydoc_data.topics``), topics in sorted order."""
+
+    def __init__(self):
+        try:
+            from pydoc_data.topics import topics
+        except ImportError as err:  # some distributions split pydoc_data out
+            raise DataError("this Python lacks pydoc_data (the pydoc help topics); install your distribution's "
+                            "full python package, or use --source text --input FILE") from err
+        self.text = "\n\n".join(topics[name] for name in sorted(topics))
+        self.unit, self._count, self.path = "paragraph", None, Path("pydoc_data.topics")
+
+    def _lines(self) -> Iterator[str]:
+        return iter(self.text.splitlines(keepends=True))
 
 
 class CharChunks:

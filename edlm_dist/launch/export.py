@@ -9,7 +9,7 @@ folder, or a DeepSpeed checkpoint folder (``OUT/checkpoints/step_X``, consolidat
   ``AutoModel`` — after ``import edlm_dist.launch.hf_models``, which registers the model types;
 * tokenizer files that ``AutoTokenizer.from_pretrained(DIR)`` reads: GPT-2 -> ``GPT2TokenizerFast``
   (exactly GPT-2's; the mask id 50257 is only in ``config.json`` as ``mask_token_id``);
-  synthetic / char -> a ``tokenizers`` WordLevel model in a ``PreTrainedTokenizerFast`` (same ids,
+  synthetic / text8 -> a ``tokenizers`` WordLevel model in a ``PreTrainedTokenizerFast`` (same ids,
   special strings and decoding as edlm's own tokenizers);
 * ``edlm_meta.json``: the weights' meta (kind, step, full training config, tokenizer).
 """
@@ -56,19 +56,12 @@ def load_export_source(path: str | os.PathLike, *, use_ema: bool,
 # ----------------------------------------------------------------------------- tokenizer
 def edlm_tokenizer_for(meta: dict):
     """The run's tokenizer: the prepared data folder's saved copy, else rebuilt from its description."""
-    from edlm_dist.data.tokenizers import build_tokenizer
+    from edlm_dist.data.tokenizers import build_tokenizer, tokenizer_from_description
 
-    info = meta.get("tokenizer") or {}
     saved = Path(str(meta.get("data_dir", ""))) / "tokenizer"
     if meta.get("data_dir") and saved.is_dir():
         return build_tokenizer(str(saved))
-    name = info.get("name")
-    if name == "synthetic":
-        return build_tokenizer("synthetic", synthetic_num_tokens=int(info["num_tokens"]))
-    if name in ("char", "gpt2"):
-        return build_tokenizer(info.get("source", "gpt2") if name == "gpt2" else "char")
-    raise DataError(f"cannot rebuild the tokenizer {info!r} (data folder {saved} is gone); restore the prepared "
-                    "data folder, which holds tokenizer/")
+    return tokenizer_from_description(meta.get("tokenizer") or {})
 
 
 def _word_level(tok, specials: list[str], *, char_level: bool, unk: str | None):
@@ -91,17 +84,29 @@ def hf_tokenizer(tok, *, model_max_length: int):
     """A ``transformers`` fast tokenizer with the same ids as the edlm tokenizer ``tok``."""
     from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
-    from edlm_dist.data.tokenizers import CHAR_SPECIALS
+    from edlm_dist.data.learned_tokenizers import SPECIALS, LearnedTokenizer
+    from edlm_dist.data.tokenizers import TEXT8_SPECIALS
 
-    if tok.name == "gpt2":
+    if isinstance(tok, LearnedTokenizer):  # char / byte: the backend itself, specials appended at ids n, n+1, n+2
+        from tokenizers import AddedToken, Tokenizer
+
+        backend = Tokenizer.from_str(tok.backend.to_str())
+        backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
+        named = {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "mask_token": SPECIALS[2]}
+        if tok.unk_id is not None:
+            named["unk_token"] = tok.token(tok.unk_id)
+        hf = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False, **named)
+        if (hf.bos_token_id, hf.mask_token_id) != (tok.bos_id, tok.mask_id):
+            raise DataError(f"exported tokenizer puts the mask at {hf.mask_token_id}, the model at {tok.mask_id}")
+    elif tok.name == "gpt2":
         with tempfile.TemporaryDirectory() as tmp:
             tok.save(tmp)
             hf = GPT2TokenizerFast.from_pretrained(tmp)
         # The mask id (50257, one past the BPE) stays out of the tokenizer: an added "[MASK]" token would
         # turn the literal text "[MASK]" into the mask id, which edlm's encode (and GPT-2) never does.
-    elif tok.name in ("synthetic", "char"):
-        char = tok.name == "char"
-        specials = list(CHAR_SPECIALS) if char else [tok.decode([i]) for i in (tok.bos_id, tok.eos_id, tok.mask_id)]
+    elif tok.name in ("synthetic", "text8"):
+        char = tok.name == "text8"
+        specials = list(TEXT8_SPECIALS) if char else [tok.decode([i]) for i in (tok.bos_id, tok.eos_id, tok.mask_id)]
         named = {"bos_token": tok.decode([tok.bos_id]), "eos_token": tok.decode([tok.eos_id]),
                  "mask_token": tok.decode([tok.mask_id])}
         if char:
@@ -111,7 +116,7 @@ def hf_tokenizer(tok, *, model_max_length: int):
         if hf.mask_token_id != tok.mask_id:
             raise DataError(f"exported tokenizer puts the mask at {hf.mask_token_id}, the model at {tok.mask_id}")
     else:
-        raise DataError(f"tokenizer '{tok.name}' has no Hugging Face export; use gpt2, char or synthetic")
+        raise DataError(f"tokenizer '{tok.name}' has no Hugging Face export; use char, byte, gpt2, text8 or synthetic")
     hf.model_max_length = model_max_length
     return hf
 

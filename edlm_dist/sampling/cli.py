@@ -78,14 +78,13 @@ def check_inputs(cfg: RunConfig) -> dict[str, tuple[str, dict]]:
 
 def load_tokenizer(meta: dict):
     """The tokenizer saved with the data (``data_dir/tokenizer``), else rebuilt from its description."""
-    from edlm_dist.data.tokenizers import build_tokenizer
+    from edlm_dist.data.tokenizers import build_tokenizer, tokenizer_from_description
 
     folder = Path(meta.get("data_dir") or "") / "tokenizer"
     try:
         if meta.get("data_dir") and folder.is_dir():
             return build_tokenizer(str(folder))
-        info = meta.get("tokenizer") or {}
-        return build_tokenizer(info.get("name", ""), synthetic_num_tokens=info.get("num_tokens"))
+        return tokenizer_from_description(meta.get("tokenizer") or {})
     except DataError as exc:
         log.warning("no tokenizer for decoding (%s); samples.jsonl gets token ids only", exc)
         return None

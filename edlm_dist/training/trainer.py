@@ -56,10 +56,11 @@ class Preempted(Exception):
 
 def load_data_description(cfg: RunConfig) -> dict:
     """Check the shards against the config (before any model is built) and return the manifest."""
+    from edlm_dist.data.locations import retry_policy
     from edlm_dist.data.shards import validate_dataset
 
     manifest = validate_dataset(cfg.data.dir, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size or None,
-                                check_contents=True)
+                                check_contents=True, retry=retry_policy(cfg.data))
     return manifest
 
 
@@ -115,11 +116,12 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_loader(self):
         from edlm_dist.data.loader import build_train_loader
+        from edlm_dist.data.locations import retry_policy
 
         d = self.cfg.data
         return build_train_loader(d.dir, "train", micro_batch=self.cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,
                                   dp_world=self.ctx.dp_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
-                                  num_workers=d.num_workers, manifest=self.manifest)
+                                  num_workers=d.num_workers, manifest=self.manifest, retry=retry_policy(d))
 
     def _log_plan(self) -> None:
         from edlm_dist.models.build import count_parameters, estimate_memory
@@ -284,11 +286,13 @@ class Trainer:
     def validate(self) -> float:
         """Mean validation loss with EMA weights in eval mode, on fixed noise (does not touch training RNG)."""
         from edlm_dist.data.loader import build_eval_loader
+        from edlm_dist.data.locations import retry_policy
 
         cfg = self.cfg
         max_rows = cfg.train.val_batches * cfg.train.micro_batch * self.ctx.dp_size
         loader = build_eval_loader(cfg.data.dir, "valid", micro_batch=cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,
-                                   dp_world=self.ctx.dp_size, max_rows=max_rows, manifest=self.manifest)
+                                   dp_world=self.ctx.dp_size, max_rows=max_rows, manifest=self.manifest,
+                                   retry=retry_policy(cfg.data))
         generator = torch.Generator().manual_seed(VALIDATION_SEED + self.ctx.dp_rank)
         total = torch.zeros(2, dtype=torch.float64)
         cpu_state = torch.get_rng_state()

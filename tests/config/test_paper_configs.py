@@ -23,7 +23,7 @@ EXPECTED = {
 def test_paper_preset_builds_the_paper_model(name):
     cfg = load_config(CONFIGS / name)
     params, seq_len = EXPECTED[name]
-    vocab = CHAR_VOCAB if cfg.data.tokenizer == "char" else GPT2_VOCAB
+    vocab = CHAR_VOCAB if cfg.data.tokenizer == "text8" else GPT2_VOCAB
     assert cfg.data.seq_len == seq_len and cfg.train.global_batch == 512 and cfg.train.lr == 3e-4
     assert cfg.train.steps == 1_000_000 and cfg.train.ema == 0.9999
     world = cfg.slurm.nodes * cfg.slurm.gpus_per_node

@@ -85,8 +85,11 @@ def test_prepare_is_byte_deterministic_and_seeded(tmp_path):
 def test_text_source_wraps_paragraphs_and_keeps_last_docs_for_validation(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("ab\n\ncde\nf\n\n\ngh\n\nijklmn\n")
-    prepare_data("text", tmp_path / "out", seq_len=8, tokenizer_spec="char", input_path=text, valid_docs=1,
-                 shuffle_train=False, shard_rows=1, progress=False)
+    manifest = prepare_data("text", tmp_path / "out", seq_len=8, tokenizer_spec="text8", input_path=text,
+                            valid_docs=1, shuffle_train=False, shard_rows=1, progress=False, max_unk_rate=0.2)
+    # The newline is text8's only [UNK]: 1 of the train documents' 9 characters, none of valid's 6.
+    assert manifest["unknown_tokens"] == {"train": {"tokens": 9, "unknown": 1, "rate": 1 / 9},
+                                          "valid": {"tokens": 6, "unknown": 0, "rate": 0.0}}
     # Train docs "ab", "cde\nf", "gh" (newline -> UNK): a b E c d e UNK f E g h E -> 2 chunks of 6.
     stream = chars("ab") + [EOS] + chars("cde\nf") + [EOS] + chars("gh") + [EOS]
     assert split_rows(tmp_path / "out", "train") == [[BOS] + stream[:6] + [EOS], [BOS] + stream[6:12] + [EOS]]
@@ -102,7 +105,7 @@ def test_hf_dataset_and_jsonl_give_identical_shards(tmp_path):
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)) + "\n")
     datasets.Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "hf"))
-    common = dict(seq_len=6, tokenizer_spec="char", text_field="body", valid_docs=2, shard_rows=4,
+    common = dict(seq_len=6, tokenizer_spec="text8", text_field="body", valid_docs=2, shard_rows=4,
                   progress=False, wrap=False)
     prepare_data("jsonl", tmp_path / "j", input_path=jsonl, **common)
     prepare_data("hf", tmp_path / "h", input_path=tmp_path / "hf", **common)
@@ -126,7 +129,7 @@ def test_text8_split_and_chunking(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     text = "".join(rng.choice(list("abcdefghij ")) for _ in range(2000))
     (tmp_path / "text8").write_text(text)
-    prepare_data("text8", tmp_path / "w", seq_len=16, tokenizer_spec="char", input_path=tmp_path / "text8",
+    prepare_data("text8", tmp_path / "w", seq_len=16, tokenizer_spec="text8", input_path=tmp_path / "text8",
                  shuffle_train=False, progress=False)
     # 90/5/5 of 2000 chars; valid = the test part [1900, 2000): 6 chunks of 16 chars, each + EOS,
     # concatenated (102 tokens) and re-cut into 7 rows of 14 (spec §1.3).
@@ -134,7 +137,7 @@ def test_text8_split_and_chunking(tmp_path, monkeypatch):
     assert split_rows(tmp_path / "w", "valid") == [[BOS] + stream[14 * i: 14 * i + 14] + [EOS] for i in range(7)]
     assert len(split_rows(tmp_path / "w", "train")) == 112 * 17 // 14  # 112 chunks of the first 1800 chars
 
-    prepare_data("text8", tmp_path / "n", seq_len=16, tokenizer_spec="char", input_path=tmp_path / "text8",
+    prepare_data("text8", tmp_path / "n", seq_len=16, tokenizer_spec="text8", input_path=tmp_path / "text8",
                  wrap=False, text8_eval_split="validation", progress=False)
     assert split_rows(tmp_path / "n", "valid") == [[BOS] + chars(text[1800 + 14 * i: 1814 + 14 * i]) + [EOS]
                                                    for i in range(100 // 14)]

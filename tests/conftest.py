@@ -1,10 +1,11 @@
-"""Shared test setup: quiet third-party warnings, one thread per process, `gpu` skipping."""
+"""Shared test setup: quiet third-party warnings, one thread per process unless OMP_NUM_THREADS says
+otherwise (the portability runs set it to 2 to change reduction orders), `gpu` skipping."""
 
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,7 +13,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
+torch.set_num_threads(THREADS)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,6 +10,7 @@ from edlm_dist.errors import CheckpointError
 from edlm_dist.models.build import build_model
 
 from model_helpers import B, L, V, randomised, tiny, tokens  # noqa: E402
+from tolerances import assert_close_across, network_reduction_size  # noqa: E402
 
 
 def test_energy_is_input_independent_at_init_and_nce_gets_a_gradient():
@@ -45,7 +46,9 @@ def test_energy_matches_explicit_composition():
     h = h @ p["output_layer.linear.weight"].T + p["output_layer.linear.bias"]
     pooled = h.mean(dim=1)
     expected = F.relu(pooled @ p["energy_head.0.weight"].T + p["energy_head.0.bias"]) @ p["energy_head.2.weight"].T
-    assert torch.allclose(energy(x_t, x0), expected.squeeze(-1), atol=1e-5, rtol=1e-5)
+    # the model's own input projection and pooling vs this composition: other kernels, same math
+    assert_close_across(energy(x_t, x0), expected.squeeze(-1), dtype=torch.float32,
+                        reduction_size=network_reduction_size(cfg, L, V) + 2 * cfg.hidden_size + 256)
 
 
 def test_energy_depends_on_both_inputs_and_every_position():

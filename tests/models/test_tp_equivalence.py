@@ -16,14 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from edlm_dist.config.load import load_config
+from edlm_dist.config.schema import ModelConfig
 from edlm_dist.models.build import build_model
 from edlm_dist.models.layers import (
     full_grads, full_state_dict, gather_vocab_logits, grad_norm, is_tp_sharded, load_full_state_dict, tp_group,
 )
 from edlm_dist.parallel.spawn import run_on_ranks
+from tolerances import network_reduction_size, tolerance
 
 V, L, B, SEED = 37, 8, 2, 7
 TINY = ["model.hidden_size=32", "model.n_blocks=2", "model.n_heads=4", "model.cond_dim=16", "model.dropout=0.0"]
+NETWORK_N = network_reduction_size(ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16), L, V)
 CASES = {
     "dit": ("dit", TINY + ["model.time_conditioning=true"]),
     "ar": ("ar", TINY),
@@ -107,6 +110,7 @@ def _tp_rank(references: dict, batch: dict) -> dict:
             "out_err": ((out - ref["out"]).abs().max() / ref["out"].abs().max()).item(),
             "grad_err": _max_rel(grads, ref["grads"]),
             "norm_err": abs(grad_norm(model).item() - ref["norm"]) / ref["norm"],
+            "params": sum(p.numel() for p in ref["grads"].values()),
             "sharded": sorted(n for n, p in model.named_parameters() if is_tp_sharded(p)),
             "local_out_cols": model.output_layer.linear.weight.shape[0] if kind != "energy" else None,
             "vocab_range": model.vocab_range() if kind != "energy" else None,
@@ -151,9 +155,11 @@ def tp_results():
 def test_tp2_forward_and_all_grads_match_dense(tp_results, case):
     for rank, results in enumerate(tp_results):
         r = results[case]
-        assert r["out_err"] < 1e-5, (rank, case, r)
-        assert r["grad_err"] < 1e-5, (rank, case, r)
-        assert r["norm_err"] < 1e-5, (rank, case, r)
+        # TP splits every matmul's reduction over the ranks and sums the parts: another order
+        assert r["out_err"] < tolerance(torch.float32, NETWORK_N)[0], (rank, case, r)
+        # gradients add the loss's reduction over B·L positions; the norm then sums every squared gradient
+        assert r["grad_err"] < tolerance(torch.float32, NETWORK_N + B * L)[0], (rank, case, r)
+        assert r["norm_err"] < tolerance(torch.float32, NETWORK_N + B * L + r["params"])[0], (rank, case, r)
 
 
 @pytest.mark.parametrize("case", list(CASES))

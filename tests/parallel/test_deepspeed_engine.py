@@ -7,10 +7,14 @@ import torch
 
 from edlm_dist.config.load import load_config
 from edlm_dist.parallel.spawn import run_on_ranks
+from tolerances import assert_close_across
 
 pytestmark = pytest.mark.multirank
 
 STEPS, GLOBAL_BATCH, FEATURES = 5, 8, 6
+PARAMS = FEATURES * 16 + 16 + 16 + 1
+# per step: forward (FEATURES, 16), the loss's sum over the batch, the clipping norm over every parameter
+STEP_N = FEATURES + 16 + GLOBAL_BATCH + PARAMS
 
 
 def _overrides(stage: int) -> list[str]:
@@ -75,4 +79,5 @@ def test_zero_matches_plain_adamw(stage):
     ranks = run_on_ranks(_deepspeed_run, 2, stage)
     for rank_params in ranks:
         for got, want in zip(rank_params, expected):
-            torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+            # ZeRO all-reduces half-batch gradients and updates flat partitions: another order, STEPS times
+            assert_close_across(got, want, dtype=torch.float32, reduction_size=STEPS * STEP_N)

@@ -25,6 +25,7 @@ from edlm_dist.sampling.cli import _batches
 from edlm_dist.sampling.energy_fns import AREnergy
 from edlm_dist.sampling.blocks import sample_rows
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
+from tolerances import approx_across, network_reduction_size
 
 pytestmark = pytest.mark.multirank
 
@@ -39,6 +40,7 @@ CASES = {  # name: settings
     # block-wise, with the coAR energy's prefix KV cache extended on every rank (sampling/prefix_energies.py)
     "k3_blocks": SamplerSettings(sampler="edlm", steps=3, k=3, window=1.0, seed=9, block_size=3),
 }
+NETWORK_N = network_reduction_size(TINY, LENGTH, VOCAB)
 DATA_PARALLEL = SamplerSettings(sampler="edlm", steps=8, k=2, window=1.0, seed=4)
 
 
@@ -138,7 +140,11 @@ def test_two_ranks_sample_exactly_what_one_rank_samples(states, reference):
         for rank in ranks:
             assert torch.equal(rank[name]["tokens"], ref["tokens"]), name
             assert rank[name]["hashes"] == ref["hashes"], name  # x_t identical at every step, on every rank
-            assert rank[name]["ess"] == pytest.approx(ref["ess"], rel=1e-6, nan_ok=True), name
+            # ESS: a smooth function of the energies, which each rank computes in fp32 batches of
+            # another size than the single process (None where a step ran no importance sampling)
+            assert [v is None for v in rank[name]["ess"]] == [v is None for v in ref["ess"]], name
+            for got, want in zip(rank[name]["ess"], ref["ess"]):
+                assert want is None or got == approx_across(want, dtype=torch.float32, reduction_size=NETWORK_N), name
         owned = [len(r) for r in proposal_split(settings.k, 2)]
         shares = [rank[name]["energy_evaluations"] for rank in ranks]
         assert sum(shares) == ref["energy_evaluations"], name  # each proposal drawn and scored exactly once

@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from collections import Counter
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +19,12 @@ from edlm_dist.data.synthetic import SyntheticLanguage
 from edlm_dist.errors import CheckpointError, ConfigError, DataError
 from edlm_dist.evaluation.cli import cli_main
 from edlm_dist.parallel.spawn import run_on_ranks
+from tolerances import approx_across, network_reduction_size
 
 LANG_CFG = SyntheticConfig(num_tokens=8, num_topics=2, branching=2, train_rows=8, valid_rows=24)
 SEQ_LEN = 12
 MODEL = {"hidden_size": 16, "n_blocks": 1, "n_heads": 2, "cond_dim": 8, "use_apex": False}
+NETWORK_N = network_reduction_size(SimpleNamespace(**MODEL), SEQ_LEN, 11)  # 8 tokens + BOS, EOS, mask
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +102,8 @@ def test_eval_cli_writes_tables_and_plots_and_two_ranks_equal_one(setup):
     nums_two = {k: v for k, v in _numbers(two).items() if not k.startswith("settings/")}
     assert nums_one.keys() == nums_two.keys() and len(nums_one) > 40
     for key, value in nums_one.items():
-        assert nums_two[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        # fp32 forwards on 12 + 12 rows instead of 24: other batch shapes, then float64 sums over the rows
+        assert nums_two[key] == approx_across(value, dtype=torch.float32, reduction_size=NETWORK_N + 24), key
 
     lik = one["likelihood"]
     assert lik["rows"] == 24 and lik["settings"]["n_negatives"] == 4

@@ -9,6 +9,8 @@ import math
 import os
 import shutil
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -19,9 +21,11 @@ from edlm_dist.evaluation.genppl import (
     exact_sequence_genppl,
     genppl_token_weights,
 )
+from tolerances import approx_across, network_reduction_size
 
 EOS = 50256
 CONTEXT = 16  # tiny oracle context so truncation and chunking are exercised
+ORACLE_N = network_reduction_size(SimpleNamespace(hidden_size=8, n_blocks=1), CONTEXT, 50257)  # the fixture's GPT-2
 
 
 def _reference_weights(ids: list[int], mask: list[int], eos: int) -> list[float]:
@@ -130,11 +134,13 @@ def test_oracle_matches_direct_computation(oracle_dir, max_length):
     acc = oracle.score(TEXTS)
     nll_sum, weight_sum = _reference_gen_ppl(oracle_dir, TEXTS, max_length or CONTEXT)
     assert acc.weight_sum == weight_sum
-    assert acc.nll_sum == pytest.approx(nll_sum, rel=1e-5)
-    assert acc.value() == pytest.approx(math.exp(nll_sum / weight_sum), rel=1e-5)
-    # Batching does not change the result.
+    # padded batches vs per-text calls: other shapes, other kernels; then the sum over the scored tokens
+    n = ORACLE_N + int(weight_sum)
+    assert acc.nll_sum == approx_across(nll_sum, dtype=torch.float32, reduction_size=n)
+    assert acc.value() == approx_across(math.exp(nll_sum / weight_sum), dtype=torch.float32, reduction_size=n)
+    # Batching does not change the result (beyond rounding).
     one_by_one = HFCausalLMOracle(str(oracle_dir), batch_size=1, max_length=max_length).score(TEXTS)
-    assert one_by_one.value() == pytest.approx(acc.value(), rel=1e-5)
+    assert one_by_one.value() == approx_across(acc.value(), dtype=torch.float32, reduction_size=n)
 
 
 def test_oracle_first_eos_weight_on_known_ids(oracle_dir):

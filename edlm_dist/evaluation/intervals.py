@@ -202,6 +202,25 @@ def two_sided_p_value(replicates: Tensor, null: float) -> float:
     return min(1.0, 2.0 * min(below, above))
 
 
+def bootstrap_rows(values, statistic: Callable[[Tensor], Tensor], *, level: float = DEFAULT_LEVEL,
+                   n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """Percentile interval of any statistic of one set of values that is not a ratio of sums (a
+    median of repeated timings, say): ``statistic`` maps resampled values (B, n) to (B,)."""
+    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    if values.numel() == 0 or not torch.isfinite(values).all():
+        raise DataError("a confidence interval needs at least one finite value; measure again")
+    if n_resamples < 1:
+        raise DataError(f"n_resamples must be ≥ 1, got {n_resamples}")
+    draws = torch.randint(values.numel(), (n_resamples, values.numel()), generator=_generator(seed))
+    estimate = float(statistic(values[None])[0])
+    return percentile_interval(estimate, statistic(values[draws]), level)
+
+
+def median(values: Tensor) -> Tensor:
+    """The lower median along the last dimension (torch's convention), for :func:`bootstrap_rows`."""
+    return values.median(dim=-1).values
+
+
 def seed_labels(sizes: Sequence[int]) -> Tensor:
     """Row labels 0,0,…,1,1,… for rows that come from consecutive seeds of the given sizes."""
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes), dtype=torch.long))

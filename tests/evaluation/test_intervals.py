@@ -14,7 +14,9 @@ from edlm_dist.evaluation.intervals import (
     Interval,
     RatioStatistic,
     bootstrap_interval,
+    bootstrap_rows,
     compare,
+    median,
     percentile_interval,
     resample_counts,
     seed_labels,
@@ -56,6 +58,20 @@ def test_one_group_replicates_follow_the_exact_bootstrap_distribution_of_the_mea
     assert interval.low == values[next(i for i, c in enumerate(cdf) if c >= 0.025)]
     assert interval.high == values[next(i for i, c in enumerate(cdf) if c >= 0.975)]
     assert interval.estimate == pytest.approx(4 / 3, rel=1e-15)
+
+
+def test_rows_bootstrap_of_a_median_matches_exact_enumeration():
+    """Median of 3 timings: its bootstrap distribution over the 27 resamples, and the interval's ends."""
+    x = [1.0, 2.0, 10.0]
+    exact: dict[float, Fraction] = {}
+    for resample in itertools.product(x, repeat=3):
+        m = sorted(resample)[1]
+        exact[m] = exact.get(m, Fraction(0)) + Fraction(1, 27)
+    assert exact == {1.0: Fraction(7, 27), 2.0: Fraction(13, 27), 10.0: Fraction(7, 27)}
+    interval = bootstrap_rows(x, median, level=0.9, n_resamples=20_000, seed=3)
+    assert (interval.estimate, interval.low, interval.high) == (2.0, 1.0, 10.0)  # 5 % and 95 % both inside the tails
+    narrow = bootstrap_rows(x, median, level=0.4, n_resamples=20_000, seed=3)  # 30 % and 70 %: the middle atom
+    assert (narrow.low, narrow.high) == (2.0, 2.0)
 
 
 def test_two_level_replicates_follow_the_exact_distribution_over_seeds_then_rows():
@@ -169,6 +185,7 @@ def test_interval_formats_and_serialises():
     (lambda: percentile_interval(0.0, torch.zeros(3), 1.5), "level"),
     (lambda: resample_counts(torch.zeros(3, dtype=torch.long), 0, torch.Generator()), "n_resamples"),
     (lambda: compare(RatioStatistic.mean([1.0]), RatioStatistic.mean([1.0]), kind="odds"), "kind"),
+    (lambda: bootstrap_rows([], median), "at least one"),
 ])
 def test_bad_input_is_a_one_line_data_error(build, message):
     with pytest.raises(DataError, match=message):

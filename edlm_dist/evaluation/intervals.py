@@ -221,6 +221,18 @@ def median(values: Tensor) -> Tensor:
     return values.median(dim=-1).values
 
 
+def holm_significant(p_values: Sequence[float], alpha: float = 1 - DEFAULT_LEVEL) -> list[bool]:
+    """Which of a family of tests stay significant at family-wise error ``alpha`` (Holm 1979): the
+    i-th smallest p-value (i = 1..m) must be ≤ alpha / (m − i + 1), and every smaller one too."""
+    order = sorted(range(len(p_values)), key=lambda i: p_values[i])
+    keep = [False] * len(p_values)
+    for rank, i in enumerate(order):
+        if p_values[i] > alpha / (len(p_values) - rank):
+            break
+        keep[i] = True
+    return keep
+
+
 def seed_labels(sizes: Sequence[int]) -> Tensor:
     """Row labels 0,0,…,1,1,… for rows that come from consecutive seeds of the given sizes."""
     return torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(list(sizes), dtype=torch.long))

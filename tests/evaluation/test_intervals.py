@@ -16,6 +16,7 @@ from edlm_dist.evaluation.intervals import (
     bootstrap_interval,
     bootstrap_rows,
     compare,
+    holm_significant,
     median,
     percentile_interval,
     resample_counts,
@@ -153,6 +154,15 @@ def test_comparison_finds_a_real_difference_and_not_a_null_one():
         rejections += compare(RatioStatistic.mean(x[:50]), RatioStatistic.mean(x[50:]), n_resamples=500,
                               seed=i).significant
     assert rejections / 200 <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 200) + 0.02
+
+
+def test_holm_keeps_the_smallest_p_values_that_pass_their_stepped_thresholds():
+    # m = 4: thresholds 0.0125, 0.0167, 0.025, 0.05 in p order
+    assert holm_significant([0.01, 0.04, 0.012, 0.3]) == [True, False, True, False]
+    assert holm_significant([0.013, 0.001]) == [True, True]  # 0.001 ≤ 0.025, then 0.013 ≤ 0.05
+    assert holm_significant([0.02, 0.03]) == [True, True]  # 0.02 ≤ 0.025, then 0.03 ≤ 0.05
+    assert holm_significant([0.03, 0.03]) == [False, False]  # the smallest already fails 0.025
+    assert holm_significant([]) == []
 
 
 def test_p_value_is_two_sided_and_never_zero():

@@ -204,10 +204,10 @@ def test_constant_energy_nce_equals_mdlm_and_theorem1_gives_log_z_minus_the_cons
     assert constant.abs() > 1e-6  # a genuinely non-zero constant, so the check below means something
     terms = likelihood_batch_terms(models, x0, torch.arange(8), LikelihoodSettings(n_negatives=3))
     for name in ("upper", "lower", "plugin"):
-        # every energy is the same fp32 number c, so only float64 rounding of E + log Ẑ = c − c remains
-        assert_close_across(terms[f"edlm_nce.{name}"][0], terms["mdlm"][0], dtype=F64, reduction_size=3 + L)
+        # every energy is c up to the energy head's fp32 rounding (its rows may take different kernels)
+        assert_close_across(terms[f"edlm_nce.{name}"][0], terms["mdlm"][0], dtype=torch.float32, reduction_size=TINY_N)
         assert_close_across(terms[f"edlm_nce.log_z.{name}"][0], torch.full((8,), -constant.item(), dtype=F64),
-                            dtype=F64, reduction_size=3 + L)
+                            dtype=torch.float32, reduction_size=TINY_N)
     torch.testing.assert_close(terms["edlm_nce.ess"][0], torch.full((8,), 3.0, dtype=F64))
 
 

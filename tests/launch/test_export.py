@@ -12,10 +12,12 @@ from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig, SyntheticConfig
 from edlm_dist.errors import CheckpointError
 from edlm_dist.parallel.spawn import run_on_ranks
-from tolerances import approx_across, network_reduction_size
+from tolerances import approx_across, assert_close_across, network_reduction_size
 
 pytestmark = pytest.mark.multirank
 STEPS = 6
+# the trained tiny models' forward: hidden 32, 2 blocks, L = 32, 32 tokens + BOS, EOS, mask (+ 256 sigma features)
+TINY_N = network_reduction_size(ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16), 32, 35) + 256
 
 
 def _overrides(data_dir, **extra) -> list[str]:
@@ -82,7 +84,9 @@ def test_diffusion_export_round_trips_logits(runs, tmp_path):
         hf = AutoModel.from_pretrained(folder).eval()
         with torch.no_grad():
             got = hf(input_ids=x_t, sigma=sigma).logits
-            assert torch.equal(got, reference(x_t, sigma, gather_logits=True))  # same modules, same weights
+            # same modules and weights, but other tensors: MKL's kernels may depend on their alignment
+            assert_close_across(got, reference(x_t, sigma, gather_logits=True), dtype=torch.float32,
+                                reduction_size=TINY_N)
             assert not torch.equal(hf(input_ids=x_t, sigma=sigma * 0).logits, got)  # sigma reaches the model
     with torch.no_grad():  # EMA and raw weights are different models after training
         assert not torch.equal(model(x_t, sigma, gather_logits=True), raw_model(x_t, sigma, gather_logits=True))
@@ -119,7 +123,7 @@ def test_energy_export_round_trips_energies(runs, tmp_path):
         with torch.no_grad():
             energies = hf(x_t=x_t, x0=x0, sigma=sigma).energies
             assert energies.shape == (3,)
-            assert torch.equal(energies, model(x_t, x0, sigma))  # same modules, same weights
+            assert_close_across(energies, model(x_t, x0, sigma), dtype=torch.float32, reduction_size=TINY_N)
     assert energies.abs().min() > 0 and len(set(energies.tolist())) == 3  # input-dependent energies
 
 
@@ -138,7 +142,7 @@ def test_ar_export_is_a_causal_lm_and_gen_ppl_oracle(runs, tmp_path):
     x0, _, _ = _inputs(meta, seed=2)
     with torch.no_grad():
         expected = suppress_mask_logit(model(x0, gather_logits=True), meta["mask_id"])
-        assert torch.equal(hf(input_ids=x0).logits, expected)  # same modules, same weights
+        assert_close_across(hf(input_ids=x0).logits, expected, dtype=torch.float32, reduction_size=TINY_N)
         # Greedy generation with the HF cache equals step-by-step argmax of the edlm model.
         prompt = x0[:1, :4]
         generated = hf.generate(prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
@@ -162,10 +166,7 @@ def test_ar_export_is_a_causal_lm_and_gen_ppl_oracle(runs, tmp_path):
     want.add(nll, genppl_token_weights(rows, torch.ones_like(rows), tok.eos_id))
     assert got.weight_sum == want.weight_sum
     # F.cross_entropy on the HF logits vs our float64 log-softmax and gather, summed over the rows' tokens
-    tiny = ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16)
-    assert got.nll_sum == approx_across(want.nll_sum, dtype=torch.float32,
-                                        reduction_size=network_reduction_size(tiny, meta["seq_len"], meta["vocab_size"])
-                                        + rows.numel())
+    assert got.nll_sum == approx_across(want.nll_sum, dtype=torch.float32, reduction_size=TINY_N + rows.numel())
 
 
 @pytest.mark.parametrize("spec", ["synthetic", "text8", "gpt2", "char", "byte"])
@@ -232,7 +233,8 @@ def test_sharded_checkpoint_consolidates_to_the_exported_weights(runs, tmp_path,
     hf = AutoModel.from_pretrained(tmp_path / "hf").eval()
     x0, x_t, sigma = _inputs(meta, seed=3)
     with torch.no_grad():
-        assert torch.equal(hf(input_ids=x_t, sigma=sigma).logits, model(x_t, sigma, gather_logits=True))
+        assert_close_across(hf(input_ids=x_t, sigma=sigma).logits, model(x_t, sigma, gather_logits=True),
+                            dtype=torch.float32, reduction_size=TINY_N)
 
 
 def test_export_errors_name_the_problem(runs, tmp_path, capsys):

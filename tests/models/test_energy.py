@@ -20,8 +20,11 @@ def test_energy_is_input_independent_at_init_and_nce_gets_a_gradient():
     energy = build_model("energy", tiny(), V, L)
     e_pos, e_neg = energy(tokens(1), tokens(2)), energy(tokens(1), tokens(3))
     assert e_pos.shape == (B,) and e_pos.dtype == torch.float32
-    # Zero final layer: the pooled feature is 0, so every input gets the same constant energy.
-    assert torch.equal(e_pos, torch.full((B,), e_pos[0].item())) and torch.equal(e_pos, e_neg)
+    # Zero final layer: the pooled feature is 0, so every input gets the same constant energy (up to the
+    # head's last matmul, whose rows MKL may compute in different micro-kernels: SSE4.2 does)
+    head_n = network_reduction_size(tiny(), L, V)
+    assert_close_across(e_pos, torch.full((B,), e_pos[0].item()), dtype=torch.float32, reduction_size=head_n)
+    assert_close_across(e_pos, e_neg, dtype=torch.float32, reduction_size=head_n)
     nce_loss(e_pos, e_neg[:, None]).backward()
     # Not a saddle: the input-dependent path (the zero final layer) receives an NCE gradient.
     assert energy.output_layer.linear.weight.grad.abs().sum() > 0

@@ -149,12 +149,15 @@ def _allgather_ms(length: int, k: int, calls: int = 2000) -> tuple[float, float]
 
 
 def _spread(values: list[float], digits: int = 2) -> str:
-    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}–{max(values):.{digits}f}]"
+    """Median over the repeats and its 95 % percentile-bootstrap interval (edlm_dist.evaluation.intervals)."""
+    from edlm_dist.evaluation.intervals import bootstrap_rows, median
+
+    return bootstrap_rows(values, median).format(f"{{:.{digits}f}}")
 
 
 def _scaling(source, seq_len: int, args) -> None:
     """Every repeat measures every row back to back, so each ratio compares runs taken close in time;
-    the table gives the median and [min–max] of the ratios over the repeats."""
+    the table gives the median of the ratios over the repeats and its 95 % bootstrap interval."""
     from edlm_dist.parallel.spawn import run_on_ranks
 
     rows = [("weak", 1, 2, None)]
@@ -171,7 +174,7 @@ def _scaling(source, seq_len: int, args) -> None:
         return [a[which] / b[which] for a, b in zip(times[num], times[den])]
 
     print(f"\n## Distributed proposal sampler (gloo, T={args.dist_steps}, w=1, batch {args.dist_batch}; seconds per "
-          f"sample: median over samples, slowest rank; median [min–max] over {args.repeats} repeats)\n")
+          f"sample: median over samples, slowest rank; median [95 % bootstrap interval] over {args.repeats} repeats)\n")
     print("| row | ranks | k | wall s/sample | CPU s/sample/rank | wall figure | CPU figure |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

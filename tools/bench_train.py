@@ -93,8 +93,8 @@ def single_process(args) -> dict:
     return out
 
 
-def _ranked_step_time(args, mode: str) -> float:
-    """Median step time on this rank: ``ddp`` (plain torch) or ``zero{1,2,3}`` (DeepSpeed)."""
+def _ranked_step_time(args, mode: str) -> list[float]:
+    """Step times on this rank: ``ddp`` (plain torch) or ``zero{1,2,3}`` (DeepSpeed)."""
     import torch.distributed as dist
 
     from edlm_dist.parallel.runtime import init_parallel
@@ -128,16 +128,24 @@ def _ranked_step_time(args, mode: str) -> float:
             engine.step()
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
 
 
 def zero_vs_ddp(args) -> dict:
     from edlm_dist.parallel.spawn import run_on_ranks
 
-    results = {}
+    from edlm_dist.evaluation.intervals import Interval, bootstrap_rows, bootstrap_samples, median
+
+    steps = {}  # per mode: each step's time on the slowest rank
     for mode in ("ddp", "zero1", "zero2", "zero3"):
-        results[mode] = max(run_on_ranks(_ranked_step_time, args.world, args, mode, timeout=900))
-    return {mode: {"step_s": value, "ratio_vs_ddp": value / results["ddp"]} for mode, value in results.items()}
+        per_rank = run_on_ranks(_ranked_step_time, args.world, args, mode, timeout=900)
+        steps[mode] = [max(times) for times in zip(*per_rank)]
+    def ratio(times):  # DDP against itself is 1 by definition, not a resampled ratio
+        if times is steps["ddp"]:
+            return Interval(1.0, 1.0, 1.0)
+        return bootstrap_samples([times, steps["ddp"]], lambda a, b: median(a) / median(b))
+
+    return {mode: {"step_s": bootstrap_rows(times, median), "ratio_vs_ddp": ratio(times)} for mode, times in steps.items()}
 
 
 def main() -> None:
@@ -161,9 +169,12 @@ def main() -> None:
     for key, value in one.items():
         print(f"  {key:>26}: {value:.4g}" if isinstance(value, float) else f"  {key:>26}: {value}")
     if not args.skip_zero and not torch.cuda.is_available():
-        print(f"step time on {args.world} ranks (gloo, median of {args.steps}):")
+        print(f"step time on {args.world} ranks (gloo, slowest rank; median of {args.steps} steps "
+              "[95 % bootstrap interval]):")
         for mode, row in zero_vs_ddp(args).items():
-            print(f"  {mode:>6}: {row['step_s'] * 1e3:8.1f} ms   x{row['ratio_vs_ddp']:.3f} of plain torch DDP")
+            ms = row["step_s"]
+            print(f"  {mode:>6}: {ms.estimate * 1e3:.1f} ms [{ms.low * 1e3:.1f}, {ms.high * 1e3:.1f}]   "
+                  f"x{row['ratio_vs_ddp'].format('{:.3f}')} of plain torch DDP")
 
 
 if __name__ == "__main__":

@@ -202,18 +202,25 @@ def two_sided_p_value(replicates: Tensor, null: float) -> float:
     return min(1.0, 2.0 * min(below, above))
 
 
-def bootstrap_rows(values, statistic: Callable[[Tensor], Tensor], *, level: float = DEFAULT_LEVEL,
-                   n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
-    """Percentile interval of any statistic of one set of values that is not a ratio of sums (a
-    median of repeated timings, say): ``statistic`` maps resampled values (B, n) to (B,)."""
-    values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
-    if values.numel() == 0 or not torch.isfinite(values).all():
-        raise DataError("a confidence interval needs at least one finite value; measure again")
+def bootstrap_samples(samples: Sequence, statistic: Callable[..., Tensor], *, level: float = DEFAULT_LEVEL,
+                      n_resamples: int = DEFAULT_RESAMPLES, seed: int = 0) -> Interval:
+    """Percentile interval of a statistic of independent sets of values that is not a ratio of sums
+    (a median of repeated timings, a ratio of two medians): each set is resampled on its own and
+    ``statistic(*resampled)`` maps the resampled sets, (B, n_i) each, to (B,)."""
     if n_resamples < 1:
         raise DataError(f"n_resamples must be ≥ 1, got {n_resamples}")
-    draws = torch.randint(values.numel(), (n_resamples, values.numel()), generator=_generator(seed))
-    estimate = float(statistic(values[None])[0])
-    return percentile_interval(estimate, statistic(values[draws]), level)
+    sets = [torch.as_tensor(values, dtype=torch.float64).reshape(-1) for values in samples]
+    if not sets or any(v.numel() == 0 or not torch.isfinite(v).all() for v in sets):
+        raise DataError("a confidence interval needs at least one finite value per set; measure again")
+    gen = _generator(seed)
+    resampled = [v[torch.randint(v.numel(), (n_resamples, v.numel()), generator=gen)] for v in sets]
+    estimate = float(statistic(*(v[None] for v in sets))[0])
+    return percentile_interval(estimate, statistic(*resampled), level)
+
+
+def bootstrap_rows(values, statistic: Callable[[Tensor], Tensor], **options) -> Interval:
+    """:func:`bootstrap_samples` of one set of values."""
+    return bootstrap_samples([values], statistic, **options)
 
 
 def median(values: Tensor) -> Tensor:

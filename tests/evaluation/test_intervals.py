@@ -15,6 +15,7 @@ from edlm_dist.evaluation.intervals import (
     RatioStatistic,
     bootstrap_interval,
     bootstrap_rows,
+    bootstrap_samples,
     compare,
     holm_significant,
     median,
@@ -73,6 +74,21 @@ def test_rows_bootstrap_of_a_median_matches_exact_enumeration():
     assert (interval.estimate, interval.low, interval.high) == (2.0, 1.0, 10.0)  # 5 % and 95 % both inside the tails
     narrow = bootstrap_rows(x, median, level=0.4, n_resamples=20_000, seed=3)  # 30 % and 70 %: the middle atom
     assert (narrow.low, narrow.high) == (2.0, 2.0)
+
+
+def test_independent_sets_resample_separately_for_a_ratio_of_medians():
+    """Two sets of 2 values: the ratio of their medians over the 4 × 4 equally likely resample pairs."""
+    a, b = [1.0, 3.0], [2.0, 4.0]
+    exact: dict[float, Fraction] = {}
+    for ra, rb in itertools.product(itertools.product(a, repeat=2), itertools.product(b, repeat=2)):
+        ratio = min(ra) / min(rb)  # torch's lower median of 2 values is their minimum
+        exact[ratio] = exact.get(ratio, Fraction(0)) + Fraction(1, 16)
+    interval = bootstrap_samples([a, b], lambda x, y: median(x) / median(y), level=0.8, n_resamples=40_000, seed=4)
+    values = sorted(exact)
+    cdf = list(itertools.accumulate(float(exact[v]) for v in values))
+    assert interval.estimate == 0.5
+    assert interval.low == values[next(i for i, c in enumerate(cdf) if c >= 0.1)]
+    assert interval.high == values[next(i for i, c in enumerate(cdf) if c >= 0.9)]
 
 
 def test_two_level_replicates_follow_the_exact_distribution_over_seeds_then_rows():

@@ -194,12 +194,13 @@ def compare(a: RatioStatistic, b: RatioStatistic, *, kind: str = "difference", l
 
 
 def two_sided_p_value(replicates: Tensor, null: float) -> float:
-    """2 · min(P*(rep ≤ null), P*(rep ≥ null)), capped at 1, with the +1 correction that keeps a
-    Monte-Carlo p-value from being 0 (Davison & Hinkley 1997, eq. 4.11)."""
+    """2 · min(P*(rep ≤ null), P*(rep ≥ null)), capped at 1 and floored at 1/B: the smallest 1 − level
+    at which the percentile interval of the B replicates would still exclude ``null``, so p < 1 − level
+    and "significant" agree (a Monte-Carlo p-value below 1/B cannot be resolved)."""
     n = replicates.numel()
-    below = (int((replicates <= null).sum()) + 1) / (n + 1)
-    above = (int((replicates >= null).sum()) + 1) / (n + 1)
-    return min(1.0, 2.0 * min(below, above))
+    below = int((replicates <= null).sum()) / n
+    above = int((replicates >= null).sum()) / n
+    return min(1.0, max(2.0 * min(below, above), 1.0 / n))
 
 
 def bootstrap_samples(samples: Sequence, statistic: Callable[..., Tensor], *, level: float = DEFAULT_LEVEL,

@@ -181,10 +181,19 @@ def test_holm_keeps_the_smallest_p_values_that_pass_their_stepped_thresholds():
     assert holm_significant([]) == []
 
 
-def test_p_value_is_two_sided_and_never_zero():
-    reps = torch.arange(1, 100, dtype=F64)  # all above 0
-    assert two_sided_p_value(reps, 0.0) == pytest.approx(2 / 100)
-    assert two_sided_p_value(reps - 50, 0.0) == pytest.approx(1.0)
+def test_p_value_is_two_sided_floored_and_agrees_with_the_interval():
+    reps = torch.arange(1, 101, dtype=F64)  # 1..100
+    assert two_sided_p_value(reps, 0.0) == pytest.approx(1 / 100)  # all above: floored at 1/B
+    assert two_sided_p_value(reps, 50.5) == pytest.approx(1.0)
+    assert two_sided_p_value(reps, 3.5) == pytest.approx(2 * 3 / 100)  # 3 of 100 on the far side
+    # p < 0.05 exactly when the 95 % percentile interval excludes the null (away from ties)
+    gen = torch.Generator().manual_seed(8)
+    for shift in torch.linspace(-4, 4, 41).tolist():
+        sample = torch.randn(2000, generator=gen, dtype=F64) + shift
+        interval = percentile_interval(0.0, sample, 0.95)
+        p = two_sided_p_value(sample, 0.0)
+        if abs(p - 0.05) > 0.002:
+            assert (p < 0.05) == (not interval.contains(0.0)), shift
 
 
 def test_same_seed_same_interval_and_the_level_sets_the_width():

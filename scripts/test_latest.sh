@@ -17,7 +17,7 @@ import re, sys
 norm = lambda n: re.sub(r"[-_.]+", "-", n).lower()
 lock = {}
 for line in open("constraints.txt"):
-    m = re.match(r"([A-Za-z0-9_.-]+)==([^ ;]+)", line)
+    m = re.match(r"([A-Za-z0-9_.-]+)==([^\s;]+)", line)
     if m: lock.setdefault(norm(m.group(1)), set()).add(m.group(2))
 for line in sys.stdin:
     name, _, version = line.strip().partition("==")

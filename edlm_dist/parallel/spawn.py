@@ -4,13 +4,16 @@ Used by the multi-rank tests and by single-node launches without torchrun. Each 
 RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT in its environment, so the function simply
 calls :func:`edlm_dist.parallel.runtime.init_parallel`. A rank's exception comes back with its
 traceback. torch 2.13 + gloo processes sometimes abort *after* finishing (STACK_NOTES); an abort
-that follows a reported success is tolerated, anything else fails loudly.
+that follows a reported success is tolerated, anything else fails loudly. Results travel pickled by
+value: torch's queue pickler would pass tensors as file descriptors that the parent must fetch
+from the rank, which has exited by then (an EOFError under load).
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -39,7 +42,7 @@ def _child(fn, rank, world_size, port, args, kwargs, results, extra_env) -> None
     torch.set_num_threads(1)
     try:
         value = fn(*args, **kwargs)
-        results.put(("ok", rank, value))
+        results.put(("ok", rank, pickle.dumps(value)))  # by value: the rank exits right after
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put(("error", rank, traceback.format_exc()))
     finally:
@@ -123,4 +126,4 @@ def run_on_ranks(
     if errors:
         rank = min(errors)
         raise RankFailure(f"rank {rank} of {world_size} failed:\n{errors[rank]}")
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

@@ -101,6 +101,25 @@ class KVCache:
         self.own_length += int(chunk)
         self.version += 1
 
+    def adopt(self, sources: list[tuple["KVCache", torch.Tensor, torch.Tensor]], count: int) -> None:
+        """Append ``count`` positions to every row of this root cache from chunks its children already computed:
+        ``sources`` = [(child, rows of this cache, the child's rows that continue them)], covering every row
+        once. A child's scored chunk (kept or ``append=False`` scratch) starts at this cache's length, so its
+        keys and values are exactly what feeding those tokens here would write; copying them saves the call
+        (block-wise EDLM commits a scored proposal this way, sampling/prefix_energies.py)."""
+        if self.parent is not None:
+            raise ConfigError("adopt() appends to a root cache; call it on the shared prefix")
+        self.check_room(count)
+        covered = sum(len(rows) for _, rows, _ in sources)
+        for child, rows, child_rows in sources:
+            if child.parent is not self or child.start != self.length or child._parent_version != self.version:
+                raise ConfigError("adopt() needs chunks of this cache's own children, made at its current length")
+            for layer, (child_k, child_v) in enumerate(zip(child.keys, child.values)):
+                keys, values = self._buffers(layer, child_k.new_empty((covered, child_k.shape[1], 0, child_k.shape[3])))
+                keys[rows, :, self.own_length : self.own_length + count] = child_k[child_rows, :, :count]
+                values[rows, :, self.own_length : self.own_length + count] = child_v[child_rows, :, :count]
+        self.advance(count)
+
     def _buffers(self, layer: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.keys) <= layer:  # allocated on first use, in the chunk's dtype and device
             rows, heads, _, head_dim = k.shape

@@ -160,6 +160,8 @@ def sample_blocks(
         x[todo, lo:hi] = part.tokens
         _accumulate(total, part, todo.cpu())
     total.prefix_calls = sum(session.calls for session in sessions)
+    if energy_fn is not None and hasattr(sessions[1], "score_calls"):  # the scoring calls that ran a model
+        total.energy_calls = sessions[1].score_calls
     if proposals is not None:
         proposals.check_in_sync(x, "at the end of the block-wise batch")
     total.tokens = x

@@ -109,6 +109,8 @@ class NCEEnergy:
 class OracleEnergy:
     """``-log p_true(x0) + log p_theta(x0 | x_t)`` with an exact-likelihood language (``.log_prob``)."""
 
+    model_free = True  # no model call: it does not count as a sequential call
+
     def __init__(self, language):
         self.language = language
 

@@ -137,7 +137,7 @@ class SampleBatch:
     nfe: int = 0  # batched denoiser calls, noise removal included
     energy_evaluations: int = 0  # candidate energies computed on THIS rank
     energy_rows: int = 0  # rows sent to the energy function (identical candidates of a row count once)
-    energy_calls: int = 0  # batched energy calls (IS steps that ran): sequential calls, like nfe
+    energy_calls: int = 0  # batched energy model calls (IS steps that ran a model): sequential calls, like nfe
     prefix_calls: int = 0  # block-wise: per-block prefix preparations (KV caches) of the models
     idle_skips: int = 0  # (row, step) pairs whose IS was skipped because the step revealed nothing
     ess_per_step: list = field(default_factory=list)  # mean ESS over the rows that ran IS, None elsewhere
@@ -327,7 +327,7 @@ def sample_batch(
             x0_star[rows] = chosen
             has_star[rows] = True
             out.energy_evaluations += len(rows) * len(proposals.owned(settings.k))
-            out.energy_calls += 1
+            out.energy_calls += 0 if getattr(energy_fn, "model_free", False) else 1
             out.energy_rows += energy_rows
             out.row_ess_sum[rows] += ess.cpu()
             out.row_is_steps[rows] += 1

@@ -8,16 +8,18 @@ terms are one constant per row, which the importance weights ignore (docs/sampli
 * :class:`ARPrefixSession` (AR and coAR energies, paper Eq. 9). The committed prefix sits in ONE KV cache
   of the AR model (models/kv_cache.py) for all rows of the batch, extended once per block by the newly
   committed tokens (b tokens per row, one model call) and read in place by all k proposals of every step
-  of the block. Position lo's log-probability comes from the extension call's last position; a proposal
-  then costs b - 1 AR tokens instead of hi (tested equal to the full recomputation to float32 tolerance
-  at TP=1 and TP=2). ``cached=False`` recomputes prefix + block per proposal (the reference point).
-  Block 0 (lo = 0) has no prefix and runs the same forward as the whole-row energy, so one block of the
-  whole row gives today's energies bit for bit.
+  of the block. Position lo's log-probability comes from the prefix's last position; a proposal costs b
+  AR tokens instead of hi (tested equal to the full recomputation to float32 tolerance at TP=1 and
+  TP=2). Feeding the whole proposal also yields its keys/values and log p_AR of the next token, so when
+  the committed block is one of the proposals scored last (the usual case: the block's last IS step
+  reveals the chosen proposal whole), it joins the cache by a copy (``KVCache.adopt``) instead of the
+  extension call. ``cached=False`` recomputes prefix + block per proposal (the reference point). One
+  block of the whole row runs the whole-row energy's own forward, so it gives today's energies bit for bit.
 * :class:`OraclePrefixSession`: ``-log p_true(prefix, block) + log q`` with the language's exact prefix
   marginal.
 
-Each session counts ``calls`` (its prefix computations, sequential model calls) and ``tokens`` (model
-tokens it processed, padding included).
+Each session counts ``calls`` (prefix extensions), ``score_calls`` (scoring calls that ran the model; the
+sequential model calls are their sum) and ``tokens`` (model tokens it processed, padding included).
 """
 
 from __future__ import annotations
@@ -36,24 +38,50 @@ class ARPrefixSession:
         self.cache = None  # the AR model's KVCache over every row of the batch, positions [0, filled)
         self.filled = 0
         self.next_log_probs = None  # (B, V): log p_AR(x^filled = . | x^{<filled}) of every row
-        self.calls = 0
+        self.scored = {}  # batch row -> (child cache, its row, block tokens, log p of the next token): last scoring
+        self.calls = 0  # prefix extensions (model calls)
+        self.score_calls = 0  # scoring calls that ran the model
+        self.adopted = 0  # blocks committed from a scored proposal, without an extension call
         self.tokens = 0
 
     def block(self, x: torch.Tensor, lo: int, hi: int, todo: torch.Tensor):
         """The scorer of block [lo, hi) for the batch rows ``todo``; ``x`` (B, L) holds the committed prefix."""
-        if lo == 0 or not self.cached:
+        if not self.cached or (lo == 0 and hi == self.length):  # one block of the whole row: today's forward
             return _RecomputedBlockScorer(self, x[todo, :lo])
-        if lo > self.filled:  # commit [filled, lo) to the cache: one call of (lo - filled) tokens per row
-            model = self.energy.model
-            if self.cache is None:
-                self.cache = model.new_cache(self.length)
+        if self.cache is None:
+            self.cache = self.energy.model.new_cache(self.length)
+        if lo > self.filled and not self._adopt(x, lo):  # commit [filled, lo): one call of lo - filled tokens
             chunk = x[:, self.filled:lo]
-            log_probs = model.log_probs(chunk, self.energy.mask_id, cache=self.cache, append=True, last_only=True)
+            log_probs = self.energy.model.log_probs(chunk, self.energy.mask_id, cache=self.cache, append=True,
+                                                    last_only=True)
             self.next_log_probs = log_probs[:, -1]
-            self.filled = lo
             self.calls += 1
             self.tokens += chunk.numel()
+        self.filled = lo
+        self.scored = {}
         return _CachedBlockScorer(self, todo.to(x.device), lo, hi)
+
+    def _adopt(self, x: torch.Tensor, lo: int) -> bool:
+        """Commit [filled, lo) from the proposals scored last for each row, if every row's committed tokens are
+        one of them (the usual case: the block's last IS step revealed the chosen proposal whole)."""
+        if len(self.scored) != x.shape[0]:
+            return False
+        by_child, next_log_probs = {}, []
+        for row in range(x.shape[0]):
+            child, child_rows, tokens, last = self.scored[row]
+            if tokens.shape[1] != lo - self.filled:
+                return False
+            match = (tokens == x[row, self.filled:lo]).all(dim=1).nonzero().flatten()
+            if len(match) == 0:
+                return False
+            by_child.setdefault(id(child), (child, [], []))[1].append(row)
+            by_child[id(child)][2].append(int(child_rows[match[0]]))
+            next_log_probs.append(last[match[0]])
+        self.cache.adopt([(child, torch.tensor(rows, device=x.device), torch.tensor(picks, device=x.device))
+                          for child, rows, picks in by_child.values()], lo - self.filled)
+        self.next_log_probs = torch.stack(next_log_probs)
+        self.adopted += 1
+        return True
 
 
 class _RecomputedBlockScorer:
@@ -69,12 +97,17 @@ class _RecomputedBlockScorer:
         energy = self.session.energy
         rows_in = torch.cat([self.prefix[rows.to(self.prefix.device)], x0], dim=1) if self.lo else x0
         self.session.tokens += rows_in.numel()
+        self.session.score_calls += 1
         log_p = energy.token_log_probs(rows_in)[:, self.lo:]
         return energy.block_energy(log_p, log_mu_tokens, x_t, start=self.lo)
 
 
 class _CachedBlockScorer:
-    """log p_AR of the block against the session's prefix cache: proposals of a row share its cached prefix."""
+    """log p_AR of the block against the session's prefix cache: proposals of a row share its cached prefix.
+
+    Each proposal is fed whole (b tokens): its outputs give the block's log-probabilities after the first
+    (which comes from the prefix's last position) and, at the last position, log p_AR of the token after the
+    block, so a proposal that gets committed can join the prefix cache without another call."""
 
     needs_rows = True
 
@@ -86,37 +119,45 @@ class _CachedBlockScorer:
         session, energy = self.session, self.session.energy
         parent = self.todo[rows.to(self.todo.device)]  # the batch row of each proposal
         width = x0.shape[1]
-        log_p = torch.empty(x0.shape, dtype=torch.float32, device=x0.device)
-        log_p[:, 0] = session.next_log_probs[parent].gather(-1, x0[:, :1]).squeeze(-1)
+        log_p = torch.zeros(x0.shape, dtype=torch.float32, device=x0.device)
+        if self.lo > 0:
+            log_p[:, 0] = session.next_log_probs[parent].gather(-1, x0[:, :1]).squeeze(-1)
+        # The cache shares a prefix among G proposals per row: group the proposals by row, pad each group to
+        # the largest one with copies of its first proposal (scored, then dropped).
+        order = torch.argsort(parent, stable=True)
+        owners, counts = torch.unique_consecutive(parent[order], return_counts=True)
+        group = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        owner_index = torch.repeat_interleave(torch.arange(len(owners), device=x0.device), counts)
+        slot = torch.arange(len(order), device=x0.device) - starts[owner_index]
+        padded = x0[order[starts]].unsqueeze(1).repeat(1, group, 1)  # (R, G, b)
+        padded[owner_index, slot] = x0[order]
+        scored = torch.empty((len(owners), group, width - 1), dtype=torch.float32, device=x0.device)
+        per_chunk = rows_per_forward(x0.device, group * width, len(owners))
+        for start in range(0, len(owners), per_chunk):
+            part = slice(start, min(len(owners), start + per_chunk))
+            tokens = padded[part].reshape(-1, width)
+            child = session.cache.share(group=group, capacity=self.hi, rows=owners[part])
+            fed = tokens if self.hi < session.length else tokens[:, :-1]  # the row's last token predicts nothing
+            if fed.shape[1]:
+                lp = energy.model.log_probs(fed, energy.mask_id, cache=child, append=False)
+                picked = lp[:, : width - 1].gather(-1, tokens[:, 1:, None]).squeeze(-1)
+                scored[part] = picked.reshape(part.stop - part.start, group, width - 1)
+                session.tokens += fed.numel()
+                if fed.shape[1] == width:  # keep what committing one of these proposals needs
+                    for r, owner in enumerate(owners[part].tolist()):
+                        members = torch.arange(r * group, (r + 1) * group, device=x0.device)
+                        session.scored[owner] = (child, members, tokens[members], lp[members, -1])
         if width > 1:
-            # The cache shares a prefix among G proposals per row: group the proposals by row, pad each
-            # group to the largest one with copies of its first proposal (scored, then dropped).
-            order = torch.argsort(parent, stable=True)
-            owners, counts = torch.unique_consecutive(parent[order], return_counts=True)
-            group = int(counts.max())
-            starts = torch.cumsum(counts, 0) - counts
-            owner_index = torch.repeat_interleave(torch.arange(len(owners), device=x0.device), counts)
-            slot = torch.arange(len(order), device=x0.device) - starts[owner_index]
-            padded = x0[order[starts]].unsqueeze(1).repeat(1, group, 1)  # (R, G, b)
-            padded[owner_index, slot] = x0[order]
-            scored = torch.empty((len(owners), group, width - 1), dtype=torch.float32, device=x0.device)
-            per_chunk = rows_per_forward(x0.device, group * (width - 1), len(owners))
-            for start in range(0, len(owners), per_chunk):
-                part = slice(start, min(len(owners), start + per_chunk))
-                tokens = padded[part].reshape(-1, width)
-                child = session.cache.share(group=group, capacity=self.hi, rows=owners[part])
-                lp = energy.model.log_probs(tokens[:, :-1], energy.mask_id, cache=child, append=False)
-                scored[part] = lp.gather(-1, tokens[:, 1:, None]).squeeze(-1).view(-1, group, width - 1)
-                session.tokens += tokens[:, :-1].numel()
             log_p[order, 1:] = scored[owner_index, slot]
+        session.score_calls += 1
         return energy.block_energy(log_p, log_mu_tokens, x_t, start=self.lo)
 
 
 class OraclePrefixSession:
     """The exact energy of block proposals: the language's marginal of prefix + block (no model calls)."""
 
-    calls = 0
-    tokens = 0
+    calls = score_calls = tokens = 0
 
     def __init__(self, language):
         self.language = language

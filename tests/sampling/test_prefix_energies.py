@@ -44,27 +44,36 @@ def _model(kind: str, state: dict):
 
 
 def _block_errors(state: dict) -> dict:
-    """Per block: worst |cached - recomputed| energy relative to the energies' scale, for AR and coAR."""
+    """Per block: worst |cached - recomputed| energy relative to the energies' scale, for AR and coAR.
+
+    Blocks of 3 over L = 12. Block 0: every row scores proposals and then commits one of them, so block 1's
+    prefix is adopted from the scored proposals (no call). Block 1: rows 3, 1, 2 only. Block 2: nobody (a
+    prompt), so block 3 needs one extension call of 6 tokens."""
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(0, MASK, (BATCH, L), generator=g)  # the committed rows, block after block
-    out = {"errors": [], "calls": {}, "tokens": {}}
+    x = torch.randint(0, MASK, (BATCH, L), generator=g)
+    out = {"errors": [], "calls": {}, "adopted": {}, "tokens": {}}
     for carry_over in (False, True):
-        cached = AREnergy(_model("ar", state), MASK, carry_over=carry_over).prefix_session(BATCH, L)
-        plain = AREnergy(_model("ar", state), MASK, carry_over=carry_over, prefix_cache=False).prefix_session(BATCH, L)
+        sessions = {cached: AREnergy(_model("ar", state), MASK, carry_over=carry_over, prefix_cache=cached)
+                    .prefix_session(BATCH, L) for cached in (True, False)}
         for j, (lo, hi) in enumerate(block_spans(L, BLOCK)):
             if j == 2:
-                continue  # a block no row needs (a prompt): the next extension commits two blocks at once
+                continue
             todo = torch.tensor([3, 1, 2]) if j % 2 else torch.arange(BATCH)
-            rows = torch.tensor([0, 2, 0, 1, 0, 2, 0])[: 2 * len(todo)] % len(todo)  # ragged proposals per row
+            rows = torch.tensor([0, 2, 0, 1, 0, 2, 0, 3])[: 2 * len(todo)] % len(todo)  # ragged proposals per row
             x0 = torch.randint(0, MASK, (len(rows), hi - lo), generator=g)
             x_t = torch.where(torch.rand(x0.shape, generator=g) < 0.5, torch.full_like(x0, MASK), x0)
             log_mu = -torch.rand(x0.shape, generator=g)
             t = torch.ones(len(rows))
             with torch.no_grad():
-                got = cached.block(x, lo, hi, todo)(x0, x_t, log_mu, t, rows=rows)
-                want = plain.block(x, lo, hi, todo)(x0, x_t, log_mu, t, rows=rows)
+                got = sessions[True].block(x, lo, hi, todo)(x0, x_t, log_mu, t, rows=rows)
+                want = sessions[False].block(x, lo, hi, todo)(x0, x_t, log_mu, t, rows=rows)
             out["errors"].append(float((got - want).abs().max() / want.abs().max()))
-        out["calls"][carry_over], out["tokens"][carry_over] = cached.calls, cached.tokens
+            if j == 0:  # every row commits its last-listed proposal
+                for b in range(BATCH):
+                    x[b, lo:hi] = x0[(rows == b).nonzero().flatten()[-1]]
+        session = sessions[True]
+        out["calls"][carry_over], out["adopted"][carry_over] = session.calls, session.adopted
+        out["tokens"][carry_over] = (session.tokens, sessions[False].tokens)
     return out
 
 
@@ -84,12 +93,13 @@ def ar_state():
 def test_cached_block_energies_equal_the_recomputed_ones_tp1(ar_state):
     out = _block_errors(ar_state)
     assert max(out["errors"]) < TOL, (out["errors"], TOL)
-    # The prefix is computed once per block after a commit: blocks 1 and 3 (block 0 has no prefix, block 2
-    # was skipped) -> 2 calls of BATCH x 3 and BATCH x 6 new tokens. Block 0 runs the whole-row forward on
-    # its 7 proposals (7 x 3 tokens); in blocks 1 and 3 the 6 proposals of rows (3, 1, 2) come 3, 1, 2 per
-    # row and are padded to 3 per row, b - 1 = 2 tokens each: 9 x 2 per block.
-    assert out["calls"] == {False: 2, True: 2}
-    assert out["tokens"] == {c: BATCH * 3 + BATCH * 6 + 7 * 3 + 2 * 9 * (BLOCK - 1) for c in (False, True)}
+    # Block 1's prefix is adopted from block 0's scored proposals; block 3's needs one call (BATCH x 6 new
+    # tokens). Cached scoring feeds each proposal whole, padded per row to the row with most proposals:
+    # block 0: 8 proposals over rows with 4, 1, 2, 1 -> 4 x 4 x 3 tokens; block 1: rows 3, 1, 2 with 3, 1, 2 ->
+    # 3 x 3 x 3; block 3 ends the row, so its last token is not fed: 3 x 3 x 2. Recomputing costs prefix +
+    # block per proposal: 8 x 3 + 6 x 6 + 6 x 12.
+    assert out["calls"] == {False: 1, True: 1} and out["adopted"] == {False: 1, True: 1}
+    assert out["tokens"] == {c: (48 + 27 + 18 + BATCH * 6, 24 + 36 + 72) for c in (False, True)}
 
 
 @pytest.mark.multirank
@@ -98,12 +108,15 @@ def test_cached_block_energies_equal_the_recomputed_ones_tp2(ar_state):
         assert max(out["errors"]) < TOL, (rank, out["errors"], TOL)
 
 
-def test_block_wise_sampling_gives_the_same_tokens_with_and_without_the_cache(ar_state):
+@pytest.mark.parametrize("block", [1, BLOCK])
+def test_block_wise_sampling_gives_the_same_tokens_with_and_without_the_cache(ar_state, block):
     denoiser = ModelDenoiser(_model("dit", _state("dit", 7)), MASK, V)
-    settings = SamplerSettings(sampler="edlm", steps=4, k=4, window=1.0, block_size=BLOCK, seed=2)
+    settings = SamplerSettings(sampler="edlm", steps=4, k=4, window=1.0, block_size=block, seed=2)
     runs = {}
     for cached in (True, False):
         energy = AREnergy(_model("ar", ar_state), MASK, carry_over=False, prefix_cache=cached)
         runs[cached] = sample_blocks(denoiser, settings, range(5), length=L, mask_id=MASK, energy_fn=energy)
     assert torch.equal(runs[True].tokens, runs[False].tokens)
-    assert runs[True].prefix_calls == L // BLOCK - 1 and runs[False].prefix_calls == 0
+    # T = 4 with window 1: the last step reveals the chosen proposal whole, so every block after the first is
+    # committed into the cache by adoption, without an extension call.
+    assert runs[True].prefix_calls == 0 and runs[False].prefix_calls == 0

@@ -101,24 +101,34 @@ class KVCache:
         self.own_length += int(chunk)
         self.version += 1
 
-    def adopt(self, sources: list[tuple["KVCache", torch.Tensor, torch.Tensor]], count: int) -> None:
-        """Append ``count`` positions to every row of this root cache from chunks its children already computed:
-        ``sources`` = [(child, rows of this cache, the child's rows that continue them)], covering every row
-        once. A child's scored chunk (kept or ``append=False`` scratch) starts at this cache's length, so its
-        keys and values are exactly what feeding those tokens here would write; copying them saves the call
-        (block-wise EDLM commits a scored proposal this way, sampling/prefix_energies.py)."""
+    def scored_chunk(self, child_rows: torch.Tensor, count: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The keys and values (per layer, (R, heads, count, d)) of the first ``count`` positions this child's
+        rows ``child_rows`` last fed (kept or ``append=False`` scratch): what those tokens would add to the
+        parent. Refuses a child whose parent grew since (its chunk no longer continues the parent)."""
+        if self.parent is None or self.own_length != 0 or self._parent_version != self.parent.version:
+            raise ConfigError("scored_chunk() reads an append=False chunk of a child made at its parent's length")
+        return ([k[child_rows, :, :count] for k in self.keys], [v[child_rows, :, :count] for v in self.values])
+
+    def adopt(self, rows: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        """Write given keys/values (per layer, (R, heads, count, d)) for this root cache's ``rows``. Once every
+        row is written (several calls may share the rows out), :meth:`advance` by ``count`` keeps them. A
+        proposal scored by a child against this prefix and then committed joins the cache this way without
+        another model call (block-wise EDLM, sampling/prefix_energies.py); keys computed on another rank can
+        be written the same way."""
         if self.parent is not None:
-            raise ConfigError("adopt() appends to a root cache; call it on the shared prefix")
+            raise ConfigError("adopt() writes into a root cache; call it on the shared prefix")
+        count = keys[0].shape[2]
         self.check_room(count)
-        covered = sum(len(rows) for _, rows, _ in sources)
-        for child, rows, child_rows in sources:
-            if child.parent is not self or child.start != self.length or child._parent_version != self.version:
-                raise ConfigError("adopt() needs chunks of this cache's own children, made at its current length")
-            for layer, (child_k, child_v) in enumerate(zip(child.keys, child.values)):
-                keys, values = self._buffers(layer, child_k.new_empty((covered, child_k.shape[1], 0, child_k.shape[3])))
-                keys[rows, :, self.own_length : self.own_length + count] = child_k[child_rows, :, :count]
-                values[rows, :, self.own_length : self.own_length + count] = child_v[child_rows, :, :count]
-        self.advance(count)
+        for layer, (new_k, new_v) in enumerate(zip(keys, values)):
+            if len(self.keys) <= layer:
+                raise ConfigError("adopt() needs a cache that has run once (its buffers hold every row)")
+            self.keys[layer][rows, :, self.own_length : self.own_length + count] = new_k
+            self.values[layer][rows, :, self.own_length : self.own_length + count] = new_v
+
+    def allocate(self, rows: int, layers: int, heads: int, head_dim: int, like: torch.Tensor) -> None:
+        """Create the buffers of an unused cache for ``rows`` rows (dtype and device of ``like``)."""
+        for layer in range(layers):
+            self._buffers(layer, like.new_empty((rows, heads, 0, head_dim)))
 
     def _buffers(self, layer: int, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.keys) <= layer:  # allocated on first use, in the chunk's dtype and device

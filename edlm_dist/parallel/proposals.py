@@ -84,6 +84,32 @@ class DistributedProposals:
                           for part, owned in zip(parts, split)], dim=1)
         return full[..., 0].contiguous(), full[..., 1:].round().long()
 
+    def row_owners(self, have: torch.Tensor) -> torch.Tensor:
+        """(B,) long: the lowest proposal rank whose ``have`` (B,) bool is set for each row, -1 where none is.
+        Collective: every rank gets the same answer."""
+        flags = [torch.empty_like(have, dtype=torch.int64) for _ in range(self.size)]
+        dist.all_gather(flags, have.to(torch.int64), group=self.group)
+        stacked = torch.stack(flags)  # (P, B)
+        first = stacked.argmax(dim=0)
+        return torch.where(stacked.any(dim=0), first, torch.full_like(first, -1))
+
+    def broadcast_rows(self, owners: torch.Tensor, numel_per_row: int, pack, unpack) -> None:
+        """Every rank s sends the rows it owns (``owners == s``) to the others: ``pack(rows)`` -> a flat float32
+        tensor of ``len(rows) * numel_per_row`` values on s, ``unpack(rows, flat)`` on every other rank. One
+        broadcast per owning rank (the block-wise AR prefix cache increment, sampling/prefix_energies.py)."""
+        for source in range(self.size):
+            rows = (owners == source).nonzero().flatten()
+            if len(rows) == 0:
+                continue
+            if self.rank == source:
+                flat = pack(rows).to(torch.float32).contiguous()
+            else:
+                flat = torch.empty(len(rows) * numel_per_row, dtype=torch.float32, device=owners.device)
+            dist.broadcast(flat, src=dist.get_global_rank(self.group, source) if self.group is not None else source,
+                           group=self.group)
+            if self.rank != source:
+                unpack(rows, flat)
+
     def check_in_sync(self, x: torch.Tensor, where: str) -> None:
         """Fail loudly (on every rank) if x_t drifted apart, instead of silently mixing sequences."""
         if not self.check_sync or self.size == 1:

@@ -80,10 +80,11 @@ class AREnergy:
         energies = ar_energy(log_p_ar, log_mu_tokens, x_t, self.mask_id, carry_over=self.carry_over)
         return energies.to(torch.float64)
 
-    def prefix_session(self, batch: int, length: int) -> ARPrefixSession:
+    def prefix_session(self, batch: int, length: int, exchange=None) -> ARPrefixSession:
         """Block-wise sampling's view of this energy for one batch (sampling/prefix_energies.py): the committed
-        prefix in a KV cache shared by all proposals and steps of a block (``prefix_cache``), or recomputed."""
-        return ARPrefixSession(self, length, cached=self.prefix_cache)
+        prefix in a KV cache shared by all proposals and steps of a block (``prefix_cache``), or recomputed;
+        ``exchange`` (the proposal group) shares committed blocks between its ranks."""
+        return ARPrefixSession(self, length, cached=self.prefix_cache, exchange=exchange)
 
 
 class NCEEnergy:
@@ -119,7 +120,7 @@ class OracleEnergy:
         log_p_true = self.language.log_prob(x0.cpu()).to(x0.device)
         return oracle_energy(log_p_true, log_mu_tokens.to(torch.float64)).to(torch.float64)
 
-    def prefix_session(self, batch: int, length: int) -> OraclePrefixSession:
+    def prefix_session(self, batch: int, length: int, exchange=None) -> OraclePrefixSession:
         """Block proposals scored by the exact marginal log p_true(prefix, block) (the future summed out)."""
         return OraclePrefixSession(self.language)
 

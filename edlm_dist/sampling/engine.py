@@ -115,12 +115,24 @@ class Proposals(Protocol):
 
     def check_in_sync(self, x: torch.Tensor, where: str) -> None: ...
 
+    def row_owners(self, have: torch.Tensor) -> torch.Tensor: ...
+
+    def broadcast_rows(self, owners: torch.Tensor, numel_per_row: int, pack, unpack) -> None: ...
+
 
 class LocalProposals:
     """Single rank: this process draws all k proposals; nothing to exchange."""
 
+    rank = 0
+
     def owned(self, k: int) -> range:
         return range(k)
+
+    def row_owners(self, have: torch.Tensor) -> torch.Tensor:
+        return torch.where(have, 0, -1)
+
+    def broadcast_rows(self, owners, numel_per_row, pack, unpack) -> None:
+        return None
 
     def gather(self, energies, candidates, k, x_t):
         return energies, candidates

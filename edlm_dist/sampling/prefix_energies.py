@@ -27,21 +27,22 @@ from __future__ import annotations
 import torch
 
 from edlm_dist.sampling.energies import oracle_energy
-from edlm_dist.sampling.engine import rows_per_forward
+from edlm_dist.sampling.engine import LocalProposals, rows_per_forward
 
 
 class ARPrefixSession:
     """The AR energy's view of one batch for block-wise sampling (module docstring)."""
 
-    def __init__(self, energy, length: int, *, cached: bool = True):
+    def __init__(self, energy, length: int, *, cached: bool = True, exchange=None):
         self.energy, self.length, self.cached = energy, int(length), bool(cached)
+        self.exchange = exchange or LocalProposals()  # the ranks of a proposal group share committed blocks
         self.cache = None  # the AR model's KVCache over every row of the batch, positions [0, filled)
         self.filled = 0
         self.next_log_probs = None  # (B, V): log p_AR(x^filled = . | x^{<filled}) of every row
-        self.scored = {}  # batch row -> (child cache, its row, block tokens, log p of the next token): last scoring
+        self.scored = {}  # batch row -> (child cache, its rows, block tokens, log p of the next token): last scoring
         self.calls = 0  # prefix extensions (model calls)
         self.score_calls = 0  # scoring calls that ran the model
-        self.adopted = 0  # blocks committed from a scored proposal, without an extension call
+        self.adopted = 0  # blocks committed from scored proposals, without an extension call
         self.tokens = 0
 
     def block(self, x: torch.Tensor, lo: int, hi: int, todo: torch.Tensor):
@@ -62,24 +63,55 @@ class ARPrefixSession:
         return _CachedBlockScorer(self, todo.to(x.device), lo, hi)
 
     def _adopt(self, x: torch.Tensor, lo: int) -> bool:
-        """Commit [filled, lo) from the proposals scored last for each row, if every row's committed tokens are
-        one of them (the usual case: the block's last IS step revealed the chosen proposal whole)."""
-        if len(self.scored) != x.shape[0]:
+        """Commit [filled, lo) from scored proposals: each row's committed tokens must be one of the proposals
+        some rank of the proposal group scored last for it (the usual case: the block's last IS step revealed
+        the chosen proposal whole). Rows this rank scored are copied from its own cache; the others arrive
+        from the rank that has them (one broadcast per such rank, ``exchange.broadcast_rows``)."""
+        count, batch, model = lo - self.filled, x.shape[0], self.energy.model
+        local = {}
+        for row, (child, child_rows, tokens, last) in self.scored.items():
+            match = (tokens == x[row, self.filled:lo]).all(dim=1).nonzero().flatten() if tokens.shape[1] == count \
+                else tokens.new_empty(0)
+            if len(match):
+                local[row] = (child, int(child_rows[match[0]]), last[match[0]])
+        have = torch.zeros(batch, dtype=torch.bool, device=x.device)
+        have[list(local)] = True
+        owners = self.exchange.row_owners(have)  # collective: every rank takes the same branch below
+        if bool((owners < 0).any()):
             return False
-        by_child, next_log_probs = {}, []
-        for row in range(x.shape[0]):
-            child, child_rows, tokens, last = self.scored[row]
-            if tokens.shape[1] != lo - self.filled:
-                return False
-            match = (tokens == x[row, self.filled:lo]).all(dim=1).nonzero().flatten()
-            if len(match) == 0:
-                return False
-            by_child.setdefault(id(child), (child, [], []))[1].append(row)
-            by_child[id(child)][2].append(int(child_rows[match[0]]))
-            next_log_probs.append(last[match[0]])
-        self.cache.adopt([(child, torch.tensor(rows, device=x.device), torch.tensor(picks, device=x.device))
-                          for child, rows, picks in by_child.values()], lo - self.filled)
-        self.next_log_probs = torch.stack(next_log_probs)
+        block = model.blocks[0]
+        layers, heads, head_dim = len(model.blocks), block.local_heads, block.head_dim
+        if not self.cache.keys:
+            self.cache.allocate(batch, layers, heads, head_dim, x.new_empty(0, dtype=torch.float32))
+        next_log_probs = x.new_empty((batch, model.vocab_size), dtype=torch.float32)
+        mine = (owners == self.exchange.rank).nonzero().flatten().tolist()
+        for row in mine:
+            child, child_row, last = local[row]
+            keys, values = child.scored_chunk(torch.tensor([child_row], device=x.device), count)
+            self.cache.adopt(torch.tensor([row], device=x.device), keys, values)
+            next_log_probs[row] = last
+        per_row = 2 * layers * heads * count * head_dim + model.vocab_size
+
+        def pack(rows):
+            parts = []
+            for row in rows.tolist():
+                child, child_row, last = local[row]
+                keys, values = child.scored_chunk(torch.tensor([child_row], device=x.device), count)
+                parts += [t.flatten() for t in keys + values] + [last.flatten()]
+            return torch.cat(parts)
+
+        def unpack(rows, flat):
+            per_layer = heads * count * head_dim
+            for n, row in enumerate(rows.tolist()):
+                chunk = flat[n * per_row : (n + 1) * per_row]
+                tensors = [chunk[i * per_layer : (i + 1) * per_layer].view(1, heads, count, head_dim)
+                           for i in range(2 * layers)]
+                self.cache.adopt(torch.tensor([row], device=x.device), tensors[:layers], tensors[layers:])
+                next_log_probs[row] = chunk[2 * layers * per_layer :]
+
+        self.exchange.broadcast_rows(owners, per_row, pack, unpack)
+        self.cache.advance(count)
+        self.next_log_probs = next_log_probs
         self.adopted += 1
         return True
 

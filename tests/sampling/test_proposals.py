@@ -67,7 +67,7 @@ def _sample(denoiser, energy, settings, ids, proposals=None):
     out = sample_rows(denoiser, settings, ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
                       trace=True)
     return {"tokens": out.tokens, "hashes": out.step_hashes, "ess": out.ess_per_step,
-            "energy_evaluations": out.energy_evaluations}
+            "energy_evaluations": out.energy_evaluations, "prefix_calls": out.prefix_calls}
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +150,10 @@ def test_two_ranks_sample_exactly_what_one_rank_samples(states, reference):
         assert sum(shares) == ref["energy_evaluations"], name  # each proposal drawn and scored exactly once
         assert shares[0] * max(1, owned[1]) == shares[1] * owned[0] or owned[1] == 0, (name, shares)
     assert ranks[1]["k1"]["energy_evaluations"] == 0  # k < P: rank 1 only joins the exchange
+    # Block-wise: every committed block joins each rank's AR prefix cache from the rank that scored it (copied
+    # or broadcast), never by an extension call, exactly as in one process.
+    assert reference["k3_blocks"]["prefix_calls"] == 0
+    assert [rank["k3_blocks"]["prefix_calls"] for rank in ranks] == [0, 0]
     assert len(set(tuple(r["k4"]["hashes"]) for r in ranks)) == 1
     gathered = {**ranks[0]["data_parallel"], **ranks[1]["data_parallel"]}
     assert sorted(gathered) == [0, 2, 4] and sorted(ranks[1]["data_parallel"]) == [2]

@@ -98,10 +98,12 @@ class _WholeRowSession:
         return _FullRowEnergy(self.model, prefix, self.length, self.mask_id)
 
 
-def prefix_session(model: Callable, view: type, batch: int, length: int, mask_id: int, exchange=None):
-    """``model.prefix_session(batch, length, exchange)`` when the model keeps prefix state, else whole rows."""
+def prefix_session(model: Callable, view: type, batch: int, length: int, mask_id: int, **kwargs):
+    """``model.prefix_session(batch, length, **kwargs)`` when the model keeps prefix state, else whole rows.
+    An energy's session also gets ``exchange``, the proposal group (its ranks share committed blocks); a
+    denoiser's runs replicated on every rank of the group, like its calls."""
     if hasattr(model, "prefix_session"):
-        return model.prefix_session(batch, length, exchange=exchange)
+        return model.prefix_session(batch, length, **kwargs)
     return _WholeRowSession(model, view, length, mask_id)
 
 
@@ -145,9 +147,9 @@ def sample_blocks(
         raise SamplingError(f"x_init must be (B, L) = ({len(ids)}, {length}), got {tuple(x.shape)}")
     total = SampleBatch(tokens=x, row_ess_sum=torch.zeros(len(ids), dtype=torch.float64),
                         row_is_steps=torch.zeros(len(ids), dtype=torch.long))
-    sessions = [prefix_session(denoiser, BlockDenoiser, len(ids), length, mask_id, proposals)]
+    sessions = [prefix_session(denoiser, BlockDenoiser, len(ids), length, mask_id)]
     if energy_fn is not None:
-        sessions.append(prefix_session(energy_fn, _FullRowEnergy, len(ids), length, mask_id, proposals))
+        sessions.append(prefix_session(energy_fn, _FullRowEnergy, len(ids), length, mask_id, exchange=proposals))
     for j, (lo, hi) in enumerate(spans):
         todo = (x[:, lo:hi] == mask_id).any(dim=-1).nonzero().flatten()
         if len(todo) == 0:  # every row already holds this block (a prompt): nothing to generate

@@ -1,33 +1,75 @@
 """The ``edlm`` command: prepare-data, train, sample, eval, pipeline, export-hf.
 
-Each subcommand parses its arguments, loads and validates the config up front, then hands over
-to the module that does the work. Any :class:`EdlmError` is printed as one line
-(``error: ...``) with exit status 2 — users never see a traceback for bad input.
+Each subcommand parses its arguments and calls its package's ``cli_main``, which loads and validates
+the config up front and hands over to the module that does the work. Any :class:`EdlmError` is
+printed as one line (``error: ...``) with exit status 2 — users never see a traceback for bad input.
+A subcommand's package is imported only when that subcommand runs, so ``edlm --help`` and a bad
+argument answer at once instead of after seconds of torch/DeepSpeed/Megatron imports.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
-from edlm_dist.errors import EdlmError
+from edlm_dist.errors import ERROR_EXIT_CODE, EdlmError
 
-SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    # name: (help, "module:function" that takes the parsed args)
-    "prepare-data": ("tokenize a corpus (or generate the synthetic language) into WebDataset shards + manifest.json",
-                     "edlm_dist.data.cli:cli_main"),
-    "train": ("train an MDLM diffusion model, an AR model or an NCE energy model (DeepSpeed ZeRO + Megatron TP)",
-              "edlm_dist.training.cli:cli_main"),
-    "sample": ("sample with MDLM (ddpm / ddpm_cache) or EDLM importance sampling (AR, coAR, NCE, oracle energies)",
-               "edlm_dist.sampling.cli:cli_main"),
-    "eval": ("likelihood bounds, generative perplexity and entropy; writes metrics.json and a Markdown table",
-             "edlm_dist.evaluation.cli:cli_main"),
-    "pipeline": ("the whole EDLM story end to end: data, MDLM/AR/NCE training, sampling, evaluation, report",
-                 "edlm_dist.launch.pipeline:cli_main"),
-    "export-hf": ("export a checkpoint to a Hugging Face folder (safetensors + config + tokenizer)",
-                  "edlm_dist.launch.export:cli_main"),
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from edlm_dist.data.cli import cli_main
+
+    return cli_main(args)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from edlm_dist.training.cli import cli_main
+
+    return cli_main(args)
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from edlm_dist.sampling.cli import cli_main
+
+    return cli_main(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from edlm_dist.evaluation.cli import cli_main
+
+    return cli_main(args)
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from edlm_dist.pipeline.cli import cli_main
+
+    return cli_main(args)
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    from edlm_dist.artifacts.cli import cli_main
+
+    return cli_main(args)
+
+
+class Subcommand(NamedTuple):
+    help: str
+    run: Callable[[argparse.Namespace], int]
+
+
+SUBCOMMANDS: dict[str, Subcommand] = {
+    "prepare-data": Subcommand("tokenize a corpus (or generate the synthetic language) into WebDataset shards + "
+                               "manifest.json", _prepare_data),
+    "train": Subcommand("train an MDLM diffusion model, an AR model or an NCE energy model (DeepSpeed ZeRO + "
+                        "Megatron TP)", _train),
+    "sample": Subcommand("sample with MDLM (ddpm / ddpm_cache) or EDLM importance sampling (AR, coAR, NCE, oracle "
+                         "energies)", _sample),
+    "eval": Subcommand("likelihood bounds, generative perplexity and entropy; writes metrics.json and a Markdown "
+                       "table", _eval),
+    "pipeline": Subcommand("the whole EDLM story end to end: data, MDLM/AR/NCE training, sampling, evaluation, "
+                           "report", _pipeline),
+    "export-hf": Subcommand("export a checkpoint to a Hugging Face folder (safetensors + config + tokenizer)",
+                            _export_hf),
 }
 
 
@@ -43,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="edlm-dist: Energy-Based Diffusion Language Models at cluster scale.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (help_text, _) in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
+    for name, command in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
         if name == "prepare-data":
             p.add_argument("--source", required=True, choices=["synthetic", "text", "jsonl", "hf", "text8", "pydoc"],
                            help="pydoc: CPython's own help topics (465 KB of English, ships with Python)")
@@ -77,17 +119,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _resolve(target: str) -> Callable[[argparse.Namespace], int | None]:
-    module_name, func_name = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name and exc.name.startswith("edlm_dist"):
-            raise EdlmError(f"this subcommand is not implemented yet ({module_name} is missing)") from None
-        raise
-    return getattr(module, func_name)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come after --out too (`edlm train cfg.yaml --out runs/x train.steps=5`).
@@ -99,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = list(getattr(args, "overrides", []) or []) + extra
     if not args.command:
         parser.print_help()
-        return 2
+        return ERROR_EXIT_CODE
     try:
-        result = _resolve(SUBCOMMANDS[args.command][1])(args)
+        result = SUBCOMMANDS[args.command].run(args)
     except EdlmError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return ERROR_EXIT_CODE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,8 +1,13 @@
 """Errors that carry a one-line message naming the problem and the fix.
 
 The CLI prints ``error: <message>`` for any :class:`EdlmError` and exits with status 2,
-so users never see a traceback from deep inside for bad input.
+so users never see a traceback from deep inside for bad input. The exit statuses every ``edlm``
+command and launcher agree on live here too (this module imports nothing, so launchers can read
+them without importing torch).
 """
+
+ERROR_EXIT_CODE = 2  # bad input: one `error: ...` line, nothing lost
+REQUEUE_EXIT_CODE = 3  # `edlm train` stopped on a preemption signal after a checkpoint: "requeue me"
 
 
 class EdlmError(Exception):

@@ -29,9 +29,8 @@ from typing import Optional, Sequence
 if __package__ in (None, ""):  # `python launchers/local.py`: make `edlm_dist` importable from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edlm_dist.errors import ConfigError, EdlmError
+from edlm_dist.errors import REQUEUE_EXIT_CODE, ConfigError, EdlmError
 
-REQUEUE_EXIT_CODE = 3  # edlm_dist.training.trainer.REQUEUE_EXIT_CODE (not imported: it pulls in torch)
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the trainer's "checkpoint and stop" signals
 GRACE_S = 5.0  # after a rank failed: time the others get to exit on SIGTERM before SIGKILL
 

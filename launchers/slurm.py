@@ -138,8 +138,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         from submitit.core.utils import DelayedSubmission
 
         from edlm_dist.parallel.runtime import shutdown_parallel
-        from edlm_dist.training import checkpoint as ckpt
-        from edlm_dist.training.trainer import PREEMPTION_SIGNALS, REQUEUE_EXIT_CODE, Preempted, Trainer
+        from edlm_dist.artifacts import checkpoint as ckpt
+        from edlm_dist.errors import REQUEUE_EXIT_CODE
+        from edlm_dist.training.trainer import PREEMPTION_SIGNALS, Preempted, Trainer
 
         # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; GPUs stay visible: init_parallel picks LOCAL_RANK's device.
         submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)

@@ -1,9 +1,12 @@
 """Quality/speed frontier of EDLM vs MDLM on trained models, and the speed-up at equal quality.
 
-    OMP_NUM_THREADS=1 python3 tools/bench_frontier.py --runs runs/demo --json runs/frontier.json  # docs/frontier.md
-    python3 tools/bench_frontier.py --runs runs/demo --from-json runs/frontier.json    # tables + plot again
-    python3 tools/bench_frontier.py --runs runs/demo --profile ar:8:1.0:16              # cProfile one EDLM setting
-    python3 tools/bench_frontier.py --runs runs/demo --profile ar:8:1.0:16 --code runs/edlm_before  # older code
+    OMP_NUM_THREADS=1 python3 -m tools.bench_frontier --runs runs/demo --json runs/frontier.json  # docs/frontier.md
+    python3 -m tools.bench_frontier --runs runs/demo --from-json runs/frontier.json    # tables + plot again
+    python3 -m tools.bench_frontier --runs runs/demo --profile ar:8:1.0:16              # cProfile one EDLM setting
+    PYTHONPATH=OLD_TREE:. python3 -P -m tools.bench_frontier --runs runs/demo --profile ar:8:1.0:16  # older code
+
+Run from the repository root. ``-P`` keeps the current folder off the front of ``sys.path``, so
+``edlm_dist`` comes from ``OLD_TREE`` and the tool from here; every header names which one ran.
 
 ``--runs`` is the ``--out`` folder of ``edlm pipeline`` (``mdlm/``, ``ar/``, ``nce/`` inside; the data must be
 the synthetic language, so Gen PPL is exact: exp of the oracle's NLL per scored token, token-weighted).
@@ -29,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib
 import json
 import math
 import pstats
@@ -39,42 +41,19 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import matplotlib
+import torch
+
+import edlm_dist
+from edlm_dist.errors import EdlmError
+from edlm_dist.evaluation.genppl import exact_sequence_genppl
+from edlm_dist.pipeline.run import load_pipeline_models
+from edlm_dist.sampling.engine import SamplerSettings, sample_batch
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _import_edlm(code: Path):
-    """Import ``edlm_dist`` from ``code`` (default: this checkout), e.g. an older tree for before/after."""
-    sys.path.insert(0, str(code))
-    module = importlib.import_module("edlm_dist")
-    if not Path(module.__file__).resolve().is_relative_to(code.resolve()):
-        raise SystemExit(f"error: edlm_dist was imported from {module.__file__}, not from --code {code}")
-    return module
-
-
-def load_models(runs: Path):
-    """Denoiser, energy callables {name: fn}, the exact language and the diffusion meta from a pipeline folder."""
-    from edlm_dist.sampling.energy_fns import build_energy, synthetic_language_for
-    from edlm_dist.sampling.engine import ModelDenoiser
-    from edlm_dist.training.weights import load_trained_model
-
-    for name in ("mdlm", "ar", "nce"):
-        if not (runs / name / "weights" / "meta.json").is_file():
-            raise SystemExit(f"error: {runs / name} holds no trained weights; pass --runs <the --out folder of "
-                             "`edlm pipeline configs/demo.yaml`>")
-    dit, meta, _ = load_trained_model(runs / "mdlm", expect_kind="dit")
-    language = synthetic_language_for(meta)
-    if language is None:
-        raise SystemExit("error: the diffusion model was not trained on the synthetic language; exact Gen PPL "
-                         "needs it (run `edlm pipeline configs/demo.yaml`)")
-    models = {"ar_model": load_trained_model(runs / "ar", expect_kind="ar")[0],
-              "energy_model": load_trained_model(runs / "nce", expect_kind="energy")[0], "language": language}
-    energies = {kind: build_energy(kind, mask_id=meta["mask_id"], **models) for kind in ("ar", "coar", "nce", "oracle")}
-    return ModelDenoiser(dit, meta["mask_id"], meta["vocab_size"]), energies, language, meta
-
-
 def make_settings(sampler: str, steps: int, seed: int, k: int = 2, window: float = 0.2, skip_idle: bool = True):
-    from edlm_dist.sampling.engine import SamplerSettings
-
     extra = {}
     if sampler == "edlm" and "skip_idle_is" in SamplerSettings.__dataclass_fields__:  # older trees lack it
         extra["skip_idle_is"] = skip_idle
@@ -95,10 +74,6 @@ class RowCounter:
 
 def run_setting(denoiser, energy_fn, settings, meta, samples: int, batch: int) -> dict:
     """Sample ids 0..samples-1 in batches: tokens, wall and CPU seconds per sample, model rows per sample."""
-    import torch
-
-    from edlm_dist.sampling.engine import sample_batch
-
     denoiser = RowCounter(denoiser)
     energy_fn = RowCounter(energy_fn) if energy_fn is not None else None
     tokens = []
@@ -114,8 +89,6 @@ def run_setting(denoiser, energy_fn, settings, meta, samples: int, batch: int) -
 
 def gen_ppl(language, tokens) -> float:
     """Exact Gen PPL: exp(-sum log p_true(row) / (rows * scored tokens)) (token-weighted, spec §7.1)."""
-    from edlm_dist.evaluation.genppl import exact_sequence_genppl
-
     return exact_sequence_genppl(language.log_prob(tokens), language.num_scored_tokens).value()
 
 
@@ -294,10 +267,8 @@ def print_tables(results: dict, data_ppl: float) -> dict:
 
 def plot(results: dict, data_ppl: float, path: Path) -> None:
     """Gen PPL vs seconds per sample (log-log, pooled over seeds): one panel per energy, MDLM in each."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the headless backend
 
     kinds = sorted({key[0] for key in results["edlm"]}, key=["ar", "coar", "nce", "oracle"].index)
     cols = min(2, len(kinds))
@@ -346,7 +317,8 @@ def profile(args, denoiser, energies, meta) -> None:
     run_setting(denoiser, energy_fn, settings, meta, args.samples, args.batch_size)
     profiler.disable()
     print(f"{args.profile}: {1e3 * timed['seconds']:.2f} ms/sample wall, {1e3 * timed['cpu_seconds']:.2f} ms CPU "
-          f"(batch {args.batch_size}, {args.samples} samples, {settings})")
+          f"(batch {args.batch_size}, {args.samples} samples, {settings}, edlm_dist from "
+          f"{Path(edlm_dist.__file__).parent})")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile_top)
 
 
@@ -369,7 +341,6 @@ def main() -> None:
                         "(ENERGY mdlm: MDLM at T, k and w ignored)")
     parser.add_argument("--profile-top", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the profiled setting (median)")
-    parser.add_argument("--code", type=Path, default=REPO, help="import edlm_dist from this tree (before/after)")
     parser.add_argument("--from-json", type=Path, help="tables and plot from a saved --json instead of sampling")
     args = parser.parse_args()
     if args.from_json:
@@ -380,11 +351,11 @@ def main() -> None:
         print_tables(results, payload["data_gen_ppl"])
         plot(results, payload["data_gen_ppl"], args.plot)
         return
-    _import_edlm(args.code)
-    import torch
-
     torch.set_num_threads(1)
-    denoiser, energies, language, meta = load_models(args.runs)
+    try:
+        denoiser, energies, language, meta = load_pipeline_models(args.runs)
+    except EdlmError as exc:
+        raise SystemExit(f"error: {exc}") from None
     if args.profile:
         profile(args, denoiser, energies, meta)
         return
@@ -392,7 +363,8 @@ def main() -> None:
     started = time.perf_counter()
     results = sweep(args, denoiser, energies, language, meta)
     title = (f"# Frontier: {args.runs}, seeds {args.seeds}, {args.samples} samples per setting and seed, batch "
-             f"{args.batch_size}, skip_idle_is={not args.no_skip_idle}, torch {torch.__version__}, "
+             f"{args.batch_size}, skip_idle_is={not args.no_skip_idle}, torch {torch.__version__}, edlm_dist from "
+             f"{Path(edlm_dist.__file__).parent}, "
              f"{time.strftime('%Y-%m-%d')}, sweep {time.perf_counter() - started:.0f} s")
     print(title)
     levels = print_tables(results, data_ppl)

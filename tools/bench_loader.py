@@ -1,7 +1,7 @@
 """Throughput of the streaming train loader (tokens/s handed to the training loop).
 
-    python3 tools/bench_loader.py                       # prepares a synthetic set in a temp dir
-    python3 tools/bench_loader.py --data DIR --batches 2000 --num-workers 2
+    python3 -m tools.bench_loader                       # prepares a synthetic set in a temp dir
+    python3 -m tools.bench_loader --data DIR --batches 2000 --num-workers 2
 
 Prepares ``--rows`` synthetic rows of ``--seq-len`` tokens (unless ``--data`` is given), then
 iterates ``build_train_loader`` for ``--batches`` micro-batches after ``--warmup`` untimed ones.
@@ -10,17 +10,14 @@ iterates ``build_train_loader`` for ``--batches`` micro-batches after ``--warmup
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from edlm_dist.config.schema import SyntheticConfig  # noqa: E402
-from edlm_dist.data.loader import build_train_loader  # noqa: E402
-from edlm_dist.data.prepare import prepare_data  # noqa: E402
-from edlm_dist.data.shards import load_manifest  # noqa: E402
+from edlm_dist.config.schema import SyntheticConfig
+from edlm_dist.data.loader import build_train_loader
+from edlm_dist.data.prepare import prepare_data
+from edlm_dist.data.shards import load_manifest
 
 
 def run(data_dir: Path, args: argparse.Namespace) -> float:

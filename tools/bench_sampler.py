@@ -1,9 +1,9 @@
 """Sampler benchmark: seconds per sample vs T for MDLM and EDLM (k, w), and scaling of the
 distributed proposal sampler on gloo ranks.
 
-    OMP_NUM_THREADS=1 python3 tools/bench_sampler.py                      # trains tiny demo models first
-    python3 tools/bench_sampler.py --mdlm runs/demo/mdlm --ar runs/demo/ar --steps 8 16 32 64
-    OMP_NUM_THREADS=1 python3 tools/bench_sampler.py --random 128:2:128:35  # untrained, bigger: energies dominate
+    OMP_NUM_THREADS=1 python3 -m tools.bench_sampler                      # trains tiny demo models first
+    python3 -m tools.bench_sampler --mdlm runs/demo/mdlm --ar runs/demo/ar --steps 8 16 32 64
+    OMP_NUM_THREADS=1 python3 -m tools.bench_sampler --random 128:2:128:35  # untrained, bigger: energies dominate
 
 1. Seconds per sample (batch 1, the paper's time metric, spec §7.3) for MDLM ``ddpm_cache`` and
    EDLM-coAR with each ``--edlm k:w`` pair, at every T in ``--steps``.
@@ -20,22 +20,29 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from edlm_dist.artifacts.weights import load_trained_model
+from edlm_dist.config.load import load_config
+from edlm_dist.config.schema import ModelConfig, SyntheticConfig
+from edlm_dist.data.prepare import prepare_data
+from edlm_dist.evaluation.intervals import bootstrap_rows, median
+from edlm_dist.models.build import build_model
+from edlm_dist.parallel.proposals import sampling_layout
+from edlm_dist.parallel.runtime import init_parallel
+from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
+from edlm_dist.sampling.model_energies import AREnergy
+from edlm_dist.training.trainer import train
+from tests.spawn import run_on_ranks
 
 DEMO = str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
 
 
 def _train(data_dir: str, out: str, overrides: list[str]) -> bool:
-    from edlm_dist.config.load import load_config
-    from edlm_dist.training.trainer import train
-
     quiet = ["logging.progress=false", "train.val_every=100000", "train.save_every=100000", "train.log_every=100000"]
     train(load_config(DEMO, [f"data.dir={data_dir}", *quiet, *overrides]), out)
     return True
@@ -43,10 +50,6 @@ def _train(data_dir: str, out: str, overrides: list[str]) -> bool:
 
 def tiny_models(root: Path) -> tuple[str, str]:
     """Prepare the demo's synthetic data and train a tiny MDLM and AR model (quality is irrelevant here)."""
-    from edlm_dist.config.schema import SyntheticConfig
-    from edlm_dist.data.prepare import prepare_data
-    from edlm_dist.parallel.spawn import run_on_ranks
-
     data = root / "data"
     prepare_data("synthetic", data, seq_len=32, synthetic_cfg=SyntheticConfig(train_rows=4000, valid_rows=64),
                  seed=1, progress=False)
@@ -59,18 +62,10 @@ def tiny_models(root: Path) -> tuple[str, str]:
 def _load(source: tuple, device):
     """Denoiser + coAR energy from ``("trained", mdlm_dir, ar_dir)`` or ``("random", H, blocks, L, V)``
     (untrained weights of any size: timing does not depend on the weights)."""
-    from edlm_dist.sampling.energy_fns import AREnergy
-    from edlm_dist.sampling.engine import ModelDenoiser
-
     if source[0] == "trained":
-        from edlm_dist.training.weights import load_trained_model
-
         dit, meta, _ = load_trained_model(source[1], expect_kind="dit", device=device)
         ar_model = load_trained_model(source[2], expect_kind="ar", device=device)[0]
     else:
-        from edlm_dist.config.schema import ModelConfig
-        from edlm_dist.models.build import build_model
-
         hidden, blocks, length, vocab = source[1:]
         model_cfg = ModelConfig(hidden_size=hidden, n_blocks=blocks, n_heads=max(1, hidden // 64), cond_dim=128)
         torch.manual_seed(0)
@@ -82,8 +77,6 @@ def _load(source: tuple, device):
 
 
 def _seconds_per_sample(denoiser, energy, meta, settings, samples: int, batch: int, device, proposals=None) -> dict:
-    from edlm_dist.sampling.engine import sample_batch
-
     def run(ids):
         return sample_batch(denoiser, settings, ids, length=meta["seq_len"], mask_id=meta["mask_id"], device=device,
                             energy_fn=energy, proposals=proposals)
@@ -105,16 +98,10 @@ def _seconds_per_sample(denoiser, energy, meta, settings, samples: int, batch: i
 
 def _init_rank():
     """This spawned rank's parallel context (gloo on CPU; any world size, TP 1)."""
-    from edlm_dist.config.load import load_config
-    from edlm_dist.parallel.runtime import init_parallel
-
     return init_parallel(load_config(None, ["train.global_batch=8", "train.micro_batch=1"]))
 
 
 def _rank_timing(source, k, proposal_parallel, steps, samples, batch) -> tuple[float, float]:
-    from edlm_dist.parallel.proposals import sampling_layout
-    from edlm_dist.sampling.engine import SamplerSettings
-
     ctx = _init_rank()
     denoiser, energy, meta = _load(source, ctx.device)
     layout = sampling_layout(ctx, proposal_parallel, k)
@@ -126,8 +113,6 @@ def _rank_timing(source, k, proposal_parallel, steps, samples, batch) -> tuple[f
 def _distributed(source, ranks, k, args, proposal_parallel=None) -> tuple[float, float]:
     """(wall, CPU) seconds per sample of one run: the slowest rank. CPU time excludes waiting for peers.
     ``proposal_parallel=1`` makes every rank an independent single-rank sampler (no communication)."""
-    from edlm_dist.parallel.spawn import run_on_ranks
-
     size = ranks if proposal_parallel is None else proposal_parallel
     return max(run_on_ranks(_rank_timing, ranks, source, k, size, args.dist_steps, args.dist_samples,
                             args.dist_batch, timeout=600))
@@ -150,16 +135,12 @@ def _allgather_ms(length: int, k: int, calls: int = 2000) -> tuple[float, float]
 
 def _spread(values: list[float], digits: int = 2) -> str:
     """Median over the repeats and its 95 % percentile-bootstrap interval (edlm_dist.evaluation.intervals)."""
-    from edlm_dist.evaluation.intervals import bootstrap_rows, median
-
     return bootstrap_rows(values, median).format(f"{{:.{digits}f}}")
 
 
 def _scaling(source, seq_len: int, args) -> None:
     """Every repeat measures every row back to back, so each ratio compares runs taken close in time;
     the table gives the median of the ratios over the repeats and its 95 % bootstrap interval."""
-    from edlm_dist.parallel.spawn import run_on_ranks
-
     rows = [("weak", 1, 2, None)]
     for p in args.ranks:
         rows += [("control", p, 2, 1), ("weak", p, 2 * p, None)]
@@ -225,8 +206,6 @@ def main() -> None:
             source = ("random", *(int(v) for v in args.random.split(":")))
         else:
             source = ("trained", *((args.mdlm, args.ar) if args.mdlm and args.ar else tiny_models(Path(tmp))))
-        from edlm_dist.sampling.engine import SamplerSettings
-
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         denoiser, energy, meta = _load(source, device)
         print(f"## Seconds per sample (batch 1, L={meta['seq_len']}, V={meta['vocab_size']}, {device.type}, "

@@ -1,8 +1,8 @@
 """Training-step benchmark: tokens/s, achieved FLOP/s vs this machine's measured matmul peak, and
 DeepSpeed ZeRO-1/2/3 step time relative to plain PyTorch DDP on 2 ranks.
 
-    OMP_NUM_THREADS=1 python tools/bench_train.py                 # CPU defaults
-    python tools/bench_train.py --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8   # on a GPU
+    OMP_NUM_THREADS=1 python -m tools.bench_train                 # CPU defaults
+    python -m tools.bench_train --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8   # on a GPU
 
 On CUDA the achieved FLOP/s is also reported as MFU against the GPU's datasheet bf16 peak
 (``--peak-tflops``, default 989 for H100 SXM). Prints figures; tests never time things.
@@ -17,9 +17,14 @@ import time
 import torch
 
 from edlm_dist.config.load import load_config
+from edlm_dist.evaluation.intervals import Interval, bootstrap_rows, bootstrap_samples, median
 from edlm_dist.models.build import build_model, flops_per_token
 from edlm_dist.objectives.losses import mdlm_loss
 from edlm_dist.objectives.schedule import LogLinearSchedule, mask_tokens, sample_times
+from edlm_dist.parallel.deepspeed_engine import build_engine
+from edlm_dist.parallel.runtime import init_parallel
+from tests.spawn import run_on_ranks
+
 
 VOCAB = 35
 
@@ -97,8 +102,6 @@ def _ranked_step_time(args, mode: str) -> list[float]:
     """Step times on this rank: ``ddp`` (plain torch) or ``zero{1,2,3}`` (DeepSpeed)."""
     import torch.distributed as dist
 
-    from edlm_dist.parallel.runtime import init_parallel
-
     stage = int(mode[-1]) if mode.startswith("zero") else 0
     cfg = _config(args, [f"train.zero_stage={stage}", "train.grad_clip=0"])
     ctx = init_parallel(cfg)
@@ -108,8 +111,6 @@ def _ranked_step_time(args, mode: str) -> list[float]:
         engine = torch.nn.parallel.DistributedDataParallel(model)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
-        from edlm_dist.parallel.engine import build_engine
-
         engine, optimizer, _ = build_engine(model, cfg, ctx.dp_size)
     schedule = LogLinearSchedule()
     generator = torch.Generator().manual_seed(ctx.rank)
@@ -132,10 +133,6 @@ def _ranked_step_time(args, mode: str) -> list[float]:
 
 
 def zero_vs_ddp(args) -> dict:
-    from edlm_dist.parallel.spawn import run_on_ranks
-
-    from edlm_dist.evaluation.intervals import Interval, bootstrap_rows, bootstrap_samples, median
-
     steps = {}  # per mode: each step's time on the slowest rank
     for mode in ("ddp", "zero1", "zero2", "zero3"):
         per_rank = run_on_ranks(_ranked_step_time, args.world, args, mode, timeout=900)

@@ -1,6 +1,6 @@
 """How well does a learned energy rank EDLM's proposals, measured against the exact synthetic language?
 
-    OMP_NUM_THREADS=1 python3 tools/diagnose_energy.py --runs runs/demo          # after `make demo`
+    OMP_NUM_THREADS=1 python3 -m tools.diagnose_energy --runs runs/demo          # after `make demo`
 
 For sequences of the true language, masked at rate t (position 0, the BOS, stays), the trained
 denoiser proposes k candidates x0^(j) ~ mu_theta(. | x_t) (what one EDLM step draws). Every energy in
@@ -21,12 +21,13 @@ Prints a Markdown table (tests never time things; this script measures nothing a
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
+from edlm_dist.errors import EdlmError
+from edlm_dist.pipeline.run import load_pipeline_models
+from edlm_dist.sampling.importance import log_importance_weights
 
 
 def _candidates(denoiser, x0: torch.Tensor, rate: float, k: int, mask_id: int, generator: torch.Generator):
@@ -45,8 +46,6 @@ def _candidates(denoiser, x0: torch.Tensor, rate: float, k: int, mask_id: int, g
 
 def _resampling(log_p: torch.Tensor, log_mu: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """(n, k) importance-resampling probabilities of the energies E = -log p + log mu (Eq. 9)."""
-    from edlm_dist.sampling.importance import log_importance_weights
-
     return log_importance_weights(log_mu - log_p, temperature).exp()
 
 
@@ -65,10 +64,11 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=1.0, help="tau of the AR energy's weights (oracle: 1)")
     args = parser.parse_args()
 
-    from bench_frontier import load_models  # tools/ is on sys.path when this script runs
-
     torch.set_num_threads(1)
-    denoiser, energies, language, meta = load_models(Path(args.runs))
+    try:
+        denoiser, energies, language, meta = load_pipeline_models(Path(args.runs))
+    except EdlmError as exc:
+        raise SystemExit(f"error: {exc}") from None
     ar = energies["ar"]
     generator = torch.Generator().manual_seed(args.seed)
     x0 = language.sample(args.sequences, generator)

@@ -1,12 +1,12 @@
 """Reliability scorecard: run every fault and bad-input scenario on CPU and print one row each.
 
-    python tools/fault_report.py                 # all scenarios (about a minute on 2 CPU cores)
-    python tools/fault_report.py --only nan_loss --only rank_dies
-    python tools/fault_report.py --list
+    python -m tools.fault_report                 # all scenarios (about a minute on 2 CPU cores)
+    python -m tools.fault_report --only nan_loss --only rank_dies
+    python -m tools.fault_report --list
 
 Prints a Markdown table (scenario | what was done | expected | observed | PASS/FAIL), then the
 line ``N passed, M failed``; exits with status 1 if any scenario failed. The scenarios live in
-``edlm_dist/testing`` and also run as tests (``pytest tests/reliability``); docs/reliability.md
+``tests/reliability`` and also run as tests (``pytest tests/reliability``); docs/reliability.md
 explains the guarantees they check.
 """
 
@@ -22,10 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.reliability.faults import all_scenarios, run_scenario
+from tests.reliability.harness import Workspace, warm_imports
 
-from edlm_dist.testing.harness import Workspace, warm_imports  # noqa: E402
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def cell(text: str) -> str:
@@ -42,8 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     warm_imports()
-    from edlm_dist.testing.faults import all_scenarios, run_scenario
-
     scenarios = all_scenarios()
     wanted = {name for item in args.only for name in item.split(",") if name}
     unknown = wanted - {s.name for s in scenarios}

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 
 from edlm_dist.config.load import load_config
+from edlm_dist.data.prepare import prepare_data
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    from edlm_dist.data.prepare import prepare_data
-
     cfg = load_config(args.config, args.overrides or [])
     data = cfg.data
     manifest = prepare_data(

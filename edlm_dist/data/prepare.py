@@ -32,6 +32,7 @@ from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.data import shards as shard_io
 from edlm_dist.data import sources
 from edlm_dist.data.learned_tokenizers import learn_tokenizer
+from edlm_dist.data.synthetic import SyntheticLanguage
 from edlm_dist.data.tokenizers import LEARNED, build_tokenizer
 from edlm_dist.data.wrap import MDLM_GROUP_SIZE, frame_documents, wrap_documents
 from edlm_dist.errors import ConfigError, DataError
@@ -135,8 +136,6 @@ class _Plan:
 
 def _synthetic_plan(cfg: Optional[SyntheticConfig], seq_len: int, tokenizer_spec: Optional[str], seed: int,
                     progress: bool) -> _Plan:
-    from edlm_dist.data.synthetic import SyntheticLanguage
-
     cfg = cfg or SyntheticConfig()
     if tokenizer_spec not in ("synthetic", None, ""):
         raise ConfigError(f"source synthetic has its own vocabulary; set data.tokenizer=synthetic "

@@ -33,6 +33,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import tar_file_iterator
 
 from edlm_dist.data.locations import TRANSIENT_ERRORS, DataLocation, RetryPolicy, backoff, close_quietly, is_remote
+from edlm_dist.data.tokenizers import Tokenizer, build_tokenizer
 from edlm_dist.errors import DataError
 
 FORMAT_NAME = "edlm-dist-shards"
@@ -240,6 +241,17 @@ def load_manifest(data_dir: str | Path | DataLocation, retry: RetryPolicy = Retr
         if key not in manifest:
             raise DataError(f"{path} lacks the key {key!r}; {rerun_hint(location)}")
     return manifest
+
+
+def has_manifest(data_dir: str | Path) -> bool:
+    """True when the local folder ``data_dir`` is a finished prepared folder (its manifest is written last)."""
+    return bool(str(data_dir)) and (Path(data_dir) / MANIFEST).is_file()
+
+
+def saved_tokenizer(data_dir: str | Path, manifest: Optional[dict] = None) -> Tokenizer:
+    """The tokenizer ``edlm prepare-data`` saved with the data (``DIR/tokenizer``)."""
+    folder = (manifest or {}).get("tokenizer_dir", TOKENIZER_DIR)
+    return build_tokenizer(str(Path(data_dir) / folder))
 
 
 def split_shards(manifest: dict, split: str, data_dir: str | Path) -> list[dict]:

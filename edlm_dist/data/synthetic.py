@@ -280,3 +280,21 @@ class SyntheticLanguage:
 
     def describe(self) -> dict:
         return self.state_dict()
+
+
+def language_from_manifest(manifest: dict) -> Optional[SyntheticLanguage]:
+    """The language that generated a prepared data folder (its ``manifest.json`` as a dict); None when the
+    data is not synthetic. A rebuilt language whose tables hash differs from the recorded one is a DataError
+    (the generator changed since the data was prepared)."""
+    source = manifest.get("source") or {}
+    if source.get("name") != "synthetic" or not isinstance(source.get("config"), dict):
+        return None
+    known = SyntheticConfig.__dataclass_fields__
+    language = SyntheticLanguage(SyntheticConfig(**{k: v for k, v in source["config"].items() if k in known}),
+                                 int(manifest["seq_len"]))
+    recorded = (source.get("language") or {}).get("tables_sha256")
+    if recorded and language.describe()["tables_sha256"] != recorded:
+        raise DataError("the synthetic language rebuilt from the data manifest differs from the one that generated "
+                        "the data (tables hash mismatch); re-run `edlm prepare-data --source synthetic` with this "
+                        "edlm-dist version")
+    return language

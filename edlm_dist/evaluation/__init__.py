@@ -1,5 +1,7 @@
-"""Evaluation math: likelihood bounds (bounds), Gen PPL (genppl), entropy, reports.
+"""Evaluation: the math of each metric, and the runs that apply them to models and sample files.
 
-Submodules are imported explicitly (e.g. `from edlm_dist.evaluation.bounds import ...`) so
-that importing the package does not pull in transformers or matplotlib.
+Math (single device): ``bounds`` (Theorem-1 partition bounds), ``likelihood`` (Eq. 13 per row),
+``genppl`` (Gen PPL), ``entropy``. Applied: ``sample_metrics`` (sample files and the data under an
+oracle, split over ranks), ``run`` (``edlm eval``), ``report`` (tables, plots, metrics files).
+Submodules are imported explicitly so that importing the package pulls in nothing heavy.
 """

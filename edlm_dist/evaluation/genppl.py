@@ -100,7 +100,7 @@ def exact_sequence_genppl(log_probs_rows: Tensor, num_scored_tokens: int) -> Gen
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _check_oracle_location(path_or_name: str) -> None:
+def check_oracle_location(path_or_name: str) -> None:
     path = os.fspath(path_or_name)
     if os.path.exists(path):
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
@@ -123,12 +123,12 @@ class HFCausalLMOracle:
 
     def __init__(self, path_or_name: str, *, device: str | torch.device = "cpu", batch_size: int = 8,
                  max_length: int | None = None) -> None:
-        _check_oracle_location(path_or_name)  # before importing/loading anything heavy
+        check_oracle_location(path_or_name)  # before importing/loading anything heavy
         if batch_size < 1:
             raise DataError(f"oracle batch_size must be ≥ 1, got {batch_size}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        import edlm_dist.launch.hf_models  # noqa: F401  registers exported edlm AR models with the Auto classes
+        import edlm_dist.artifacts.hf_models  # noqa: F401  registers exported edlm AR models with the Auto classes
 
         try:  # a hub name: the local HF cache first, the network only after a miss (data/hub.py)
             self.tokenizer = from_pretrained_offline_first(AutoTokenizer, path_or_name)

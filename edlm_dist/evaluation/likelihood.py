@@ -33,19 +33,17 @@ from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from edlm_dist.errors import DataError
 from edlm_dist.evaluation.bounds import edlm_row_nelbo, importance_ess, log_partition_estimates, mdlm_nelbo_row
-from edlm_dist.objectives.losses import sample_nce_negatives
+from edlm_dist.sampling.categorical import sample_nce_negatives
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import gather_token_log_probs, subs_log_probs
-from edlm_dist.sampling.energies import ar_energy, log_mu_at_candidates
+from edlm_dist.sampling.energies import EnergyFn, ar_energy, log_mu_at_candidates
 
 F64 = torch.float64
 ESTIMATES = ("upper", "lower", "plugin")
-EnergyFn = Callable[[Tensor, Tensor, Tensor], Tensor]  # (x_t rows, candidates, log μθ at candidates) -> E (N,)
 
 
 @dataclass(frozen=True)
@@ -150,7 +148,7 @@ def without_position0(log_mu_tokens: Tensor) -> Tensor:
 def ar_energy_fn(ar: torch.nn.Module, mask_id: int, *, carry_over: bool, chunk_rows: int = 64) -> EnergyFn:
     """E(x, x_t) = −Σ_{i≥1} AR part + Σ_{i≥1} log μθ(x^i|x_t) (paper Eq. 9, spec §6.3), float64."""
 
-    def energy(x_t: Tensor, candidates: Tensor, log_mu_tokens: Tensor) -> Tensor:
+    def energy(candidates: Tensor, x_t: Tensor, log_mu_tokens: Tensor, t: Tensor) -> Tensor:
         log_p_ar = ar_token_log_probs(ar, candidates, mask_id, chunk_rows)
         return ar_energy(log_p_ar, without_position0(log_mu_tokens), x_t, mask_id, carry_over=carry_over)
 
@@ -160,7 +158,7 @@ def ar_energy_fn(ar: torch.nn.Module, mask_id: int, *, carry_over: bool, chunk_r
 def nce_energy_fn(energy_model: torch.nn.Module, chunk_rows: int = 64) -> EnergyFn:
     """E_φ(x_t, x) of the trained NCE energy network (spec §6.2), called like in training (no sigma)."""
 
-    def energy(x_t: Tensor, candidates: Tensor, log_mu_tokens: Tensor) -> Tensor:
+    def energy(candidates: Tensor, x_t: Tensor, log_mu_tokens: Tensor, t: Tensor) -> Tensor:
         return _chunked(lambda a, b: energy_model(a, b).to(F64), chunk_rows, x_t, candidates)
 
     return energy
@@ -173,12 +171,17 @@ def draw_negatives(log_mu: Tensor, n: int, generators: list, dtype: str = "float
                       for b, g in enumerate(generators)])
 
 
-def theorem1_estimates(energy_fn: EnergyFn, x_t: Tensor, log_mu: Tensor, negatives: Tensor):
-    """Theorem-1 estimates of log Z(x_t) from (B, n, L) negatives, and the ESS of their weights."""
+def theorem1_estimates(energy_fn: EnergyFn, x_t: Tensor, log_mu: Tensor, negatives: Tensor,
+                       t: Optional[Tensor] = None):
+    """Theorem-1 estimates of log Z(x_t) from (B, n, L) negatives, and the ESS of their weights.
+
+    ``t`` (B,) is handed to the energy per negative; without it the energy gets NaN times (fine for the
+    energies here, which do not use t; a time-conditioned one would then fail loudly on NaN energies)."""
     batch, n, length = negatives.shape
     flat = negatives.reshape(batch * n, length)  # batch-major: row b*n + j
     log_mu_neg = log_mu_at_candidates(log_mu, flat, n).to(F64)
-    neg_energies = -energy_fn(x_t.repeat_interleave(n, dim=0), flat, log_mu_neg).view(batch, n)
+    times = (t if t is not None else torch.full((batch,), float("nan"), device=flat.device)).repeat_interleave(n)
+    neg_energies = -energy_fn(flat, x_t.repeat_interleave(n, dim=0), log_mu_neg, times).view(batch, n)
     return log_partition_estimates(neg_energies), importance_ess(neg_energies)
 
 
@@ -227,11 +230,11 @@ def likelihood_terms(models: LikelihoodModels, x0: Tensor, noise: RowNoise,
         energies["edlm_ar"] = (ar_fn, ar_energy(log_p_ar, mu_energy_part, x_t, mask_id, carry_over=False))
     if models.energy is not None:
         nce_fn = nce_energy_fn(models.energy, settings.chunk_rows)
-        energies["edlm_nce"] = (nce_fn, nce_fn(x_t, x0, log_mu_x0))
+        energies["edlm_nce"] = (nce_fn, nce_fn(x0, x_t, log_mu_x0, t))
     if energies:
         negatives = draw_negatives(log_mu, settings.n_negatives, noise.generators, settings.negatives_dtype)
         for method, (energy_fn, energy_pos) in energies.items():
-            log_z, ess = theorem1_estimates(energy_fn, x_t, log_mu, negatives)
+            log_z, ess = theorem1_estimates(energy_fn, x_t, log_mu, negatives, t)
             for name in ESTIMATES:
                 out[f"{method}.{name}"] = (eq13(energy_pos, getattr(log_z, name)), float(length))
             for name in ("lower", "loo", "upper", "plugin") if settings.n_negatives > 1 else ("lower", "plugin"):
@@ -251,27 +254,18 @@ class Sums:
         entry[0] += float(values.to(F64).sum())
         entry[1] += weight_per_row * values.numel()
 
-    def all_reduce(self, group=None, device: torch.device | str = "cpu") -> Sums:
-        """Sum over the ranks of ``group`` (no-op without torch.distributed); every rank needs the same keys."""
-        keys = sorted(self.values)
-        flat = [v for key in keys for v in self.values[key]]
-        reduced = all_reduce_float64(flat, group, device)
-        self.values = {key: [reduced[2 * i], reduced[2 * i + 1]] for i, key in enumerate(keys)}
+    def flat(self) -> list[float]:
+        """Every (value, weight) pair in sorted key order: one list to all-reduce across ranks."""
+        return [v for key in sorted(self.values) for v in self.values[key]]
+
+    def load_flat(self, flat: list[float]) -> Sums:
+        """Replace the pairs by ``flat`` (same keys and order as :meth:`flat`, e.g. summed over ranks)."""
+        self.values = {key: [flat[2 * i], flat[2 * i + 1]] for i, key in enumerate(sorted(self.values))}
         return self
 
     def mean(self, key: str) -> float:
         value, weight = self.values[key]
         return value / weight if weight > 0 else float("nan")
-
-
-def all_reduce_float64(values: list[float], group=None, device: torch.device | str = "cpu") -> list[float]:
-    """Sum a list of floats over the ranks of ``group`` in float64; returns the list unchanged when
-    torch.distributed is not initialised (single process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return list(values)
-    tensor = torch.tensor(values, dtype=F64, device=device)
-    dist.all_reduce(tensor, group=group)
-    return tensor.tolist()
 
 
 def safe_exp(value: float) -> float:
@@ -314,46 +308,7 @@ def summarize_likelihood(sums: Sums, methods: list[str], settings: LikelihoodSet
     return {"rows": rows, "seq_len": seq_len, "settings": settings.to_dict(), "methods": out}
 
 
-def evaluate_likelihood(models: LikelihoodModels, data_dir, *, settings: LikelihoodSettings, batch_size: int,
-                        max_rows: Optional[int] = None, split: str = "valid", dp_rank: int = 0, dp_size: int = 1,
-                        dp_group=None, progress: bool = False) -> dict:
-    """Every (or the first ``max_rows``) validation row once across the DP ranks; returns the summary.
-
-    Collective over ``dp_group`` when torch.distributed is initialised; identical on every rank.
-    """
-    from edlm_dist.data.loader import build_eval_loader
-
-    methods = models.methods()
-    device = models.device()
-    loader = build_eval_loader(data_dir, split, micro_batch=batch_size, dp_rank=dp_rank, dp_world=dp_size,
-                               max_rows=max_rows)
-    row = loader.stream.block(0)[0]  # this rank's first global row index (one reader stream)
-    sums = Sums()
-    batches = iter(loader)
-    if progress:
-        from tqdm import tqdm
-
-        batches = tqdm(batches, total=loader.num_batches(), desc="likelihood", dynamic_ncols=True)
-    rows_seen = 0
-    for batch in batches:
-        if batch.shape[1] != models.seq_len:
-            raise DataError(f"validation rows of {data_dir} have length {batch.shape[1]} but the models were "
-                            f"trained on seq_len={models.seq_len}; evaluate on the data the models were trained on")
-        x0 = batch.to(device)
-        row_ids = torch.arange(row, row + x0.shape[0])
-        for key, (values, weight) in likelihood_batch_terms(models, x0, row_ids, settings).items():
-            sums.add(key, values, weight)
-        row += x0.shape[0]
-        rows_seen += x0.shape[0]
-    # Ranks without rows still take part with zero sums under the same keys.
-    for key in _expected_keys(methods, settings):
-        sums.values.setdefault(key, [0.0, 0.0])
-    sums.all_reduce(dp_group, device)
-    total_rows = int(all_reduce_float64([float(rows_seen)], dp_group, device)[0])
-    return summarize_likelihood(sums, methods, settings, total_rows, models.seq_len)
-
-
-def _expected_keys(methods: list[str], settings: LikelihoodSettings) -> list[str]:
+def expected_keys(methods: list[str], settings: LikelihoodSettings) -> list[str]:
     keys = [m for m in methods if m in ("ar", "mdlm", "edlm_coar")]
     keys += ["edlm_coar.position0"] if "edlm_coar" in methods else []
     log_z = ("lower", "loo", "upper", "plugin") if settings.n_negatives > 1 else ("lower", "plugin")

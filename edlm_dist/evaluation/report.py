@@ -1,14 +1,22 @@
-"""Result reports: markdown tables and the paper's quality/speed plots (Fig. 1a, Fig. 4).
+"""Result reports: markdown tables, the paper's quality/speed plots (Fig. 1a, Fig. 4), and ``edlm eval``'s
+``metrics.json`` / ``metrics.md``.
 
 Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend state), so
 they work headless and from several threads.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Optional
+
+from matplotlib.figure import Figure
 
 from edlm_dist.errors import DataError
+from edlm_dist.evaluation.likelihood import safe_exp
 
 
 def _cell(value, float_format: str) -> str:
@@ -45,8 +53,6 @@ def _points(results: Mapping[str, Sequence[Mapping]], x_key: str, y_key: str):
 
 
 def _new_figure(ncols: int):
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(5.0 * ncols, 4.0), layout="constrained")
     return fig, [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
 
@@ -100,3 +106,113 @@ def plot_entropy_vs_genppl(results: Mapping[str, Sequence[Mapping]], path) -> st
     fig, (ax,) = _new_figure(1)
     _draw(ax, _points(results, "gen_ppl", "entropy"), "Gen PPL", "entropy (bits)", log_x=True)
     return _save(fig, path)
+
+
+LIKELIHOOD_ROWS = [  # (metrics key, estimate, table label)
+    ("ar", None, "AR"), ("mdlm", None, "MDLM"), ("edlm_coar", None, "EDLM-coAR"),
+    ("edlm_ar", "upper", "EDLM-AR (Thm-1 upper)"), ("edlm_ar", "lower", "EDLM-AR (Thm-1 lower)"),
+    ("edlm_ar", "plugin", "EDLM-AR (plug-in, ref. code)"), ("edlm_nce", "upper", "EDLM-NCE (Thm-1 upper)"),
+    ("edlm_nce", "lower", "EDLM-NCE (Thm-1 lower)"), ("edlm_nce", "plugin", "EDLM-NCE (plug-in, ref. code)"),
+]
+NOTES = """Notes (docs/likelihood_bounds.md):
+- Per token over all L positions (AR: the L−1 predicted ones); PPL = exp(NLL), bits = NLL / ln 2 (BPC for characters).
+- MDLM: one (t, mask) Monte-Carlo term of the NELBO per row; an upper bound on the NLL up to O(ε) truncation.
+- EDLM rows estimate the paper's Eq. 13, which uses the *joint* likelihood where the masked-diffusion NELBO needs
+  per-token marginals, so they are not certified bounds on the NLL (spec §6.6). Thm-1 upper/lower plug Theorem 1's
+  upper / lower log Z estimates (n negatives from pθ) into Eq. 13; the upper one is biased high only for n large
+  enough. The plug-in is the released code's one-negative value (biased low).
+- EDLM-coAR reduces exactly to the AR likelihood: E[coAR] = (1−ε)·(L−1)/L·AR per token plus pθ's NLL of the
+  first token (`ar_prediction_nll` and `position0_nll` in metrics.json; row "predicted from AR").
+"""
+
+
+# ----------------------------------------------------------------------------- `edlm eval` report
+def _fmt(value, spec: str = "{:.3f}") -> Optional[str]:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return None
+    return spec.format(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+
+
+def _nll_row(label: str, estimate: str, nll: float) -> dict:
+    return {"Method": label, "Estimate": estimate, "NLL (nats/token)": _fmt(nll, "{:.4f}"),
+            "PPL": _fmt(safe_exp(nll), "{:.2f}"),
+            "Bits/token": _fmt(nll / math.log(2), "{:.4f}")}
+
+
+def markdown_report(results: dict) -> str:
+    parts = ["# edlm eval\n"]
+    lik = results.get("likelihood")
+    if lik:
+        parts.append(f"## Validation likelihood\n\n{lik['rows']} rows × {lik['seq_len']} tokens of "
+                     f"`{lik['data_dir']}`, n = {lik['settings']['n_negatives']} negatives, seed "
+                     f"{lik['settings']['seed']}.\n")
+        rows = []
+        for key, estimate, label in LIKELIHOOD_ROWS:
+            entry = lik["methods"].get(key)
+            if entry is None:
+                continue
+            entry = entry[estimate] if estimate else entry
+            rows.append(_nll_row(label, entry["estimate"], entry["nll"]))
+            if key == "edlm_coar" and "ar_prediction_nll" in entry:  # the exact relation, side by side
+                rows.append(_nll_row("EDLM-coAR predicted from AR", "(1−ε)(L−1)/L · AR + pθ's first token",
+                                     entry["ar_prediction_nll"] + entry["position0_nll"]))
+        parts.append(markdown_table(rows, ["Method", "Estimate", "NLL (nats/token)", "PPL", "Bits/token"]))
+        parts.append("\n" + NOTES)
+    samples = results.get("samples")
+    if samples:
+        oracle = next((s.get("oracle") for s in samples if s.get("oracle")), None)
+        parts.append(f"\n## Samples\n\nGen PPL oracle: `{oracle or '-'}`; entropy: unigram, bits, mean over samples.\n")
+        columns = ["Method", "Steps", "k", "Window", "Gen PPL", "Entropy (bits)", "s/sample", "Samples", "File"]
+        rows = []
+        reference = results.get("data_reference")
+        if reference:
+            rows.append({"Method": "Data (validation rows)", "Gen PPL": _fmt(reference.get("gen_ppl"), "{:.2f}"),
+                         "Entropy (bits)": _fmt(reference.get("entropy_bits")),
+                         "Samples": reference.get("num_samples")})
+            if "entropy_rate_ppl" in reference:
+                rows.append({"Method": "Data (exact entropy rate)",
+                             "Gen PPL": _fmt(reference["entropy_rate_ppl"], "{:.2f}")})
+        for s in sorted(samples, key=lambda s: (s["method"], s.get("steps") or 0)):
+            rows.append({"Method": s["method"], "Steps": s.get("steps"), "k": s.get("k"), "Window": s.get("window"),
+                         "Gen PPL": _fmt(s.get("gen_ppl"), "{:.2f}"), "Entropy (bits)": _fmt(s.get("entropy_bits")),
+                         "s/sample": _fmt(s.get("seconds_per_sample"), "{:.4f}"), "Samples": s["num_samples"],
+                         "File": Path(s["file"]).parent.name + "/" + Path(s["file"]).name})
+        parts.append(markdown_table(rows, columns))
+    for name, path in results.get("plots", {}).items():
+        parts.append(f"\n![{name}]({Path(path).name})\n")
+    return "\n".join(parts)
+
+
+def make_plots(samples: list[dict], out: Path) -> dict[str, str]:
+    """Fig. 1a (Gen PPL vs steps and vs s/sample) and Fig. 4 (entropy vs Gen PPL) when steps vary."""
+    steps = {s.get("steps") for s in samples if s.get("steps") is not None}
+    if len(samples) < 2 or len(steps) < 2 or not any("gen_ppl" in s for s in samples):
+        return {}
+    by_method: dict[str, list[dict]] = {}
+    for s in samples:
+        by_method.setdefault(s["method"], []).append(
+            {"steps": s.get("steps"), "gen_ppl": s.get("gen_ppl"), "seconds_per_sample": s.get("seconds_per_sample"),
+             "entropy": s.get("entropy_bits")})
+    plots = {"frontier": plot_frontier(by_method, out / "genppl_frontier.png")}
+    if any("entropy_bits" in s for s in samples):
+        plots["entropy_vs_genppl"] = plot_entropy_vs_genppl(by_method, out / "entropy_vs_genppl.png")
+    return plots
+
+
+def _finite(obj):
+    """NaN/inf -> None so metrics.json is strict JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if results.get("samples"):
+        results["plots"] = make_plots(results["samples"], out)
+    (out / "metrics.json").write_text(json.dumps(_finite(results), indent=1, ensure_ascii=False) + "\n")
+    (out / "metrics.md").write_text(markdown_report(results))

@@ -12,71 +12,23 @@ entropy rate) are computed the same way for comparison.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
 
-from edlm_dist.errors import ConfigError, DataError
+from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, sampler_setting
+from edlm_dist.data.loader import build_eval_loader
+from edlm_dist.errors import DataError
 from edlm_dist.evaluation.entropy import unigram_entropy_bits
-from edlm_dist.evaluation.genppl import GenPPLAccumulator, exact_sequence_genppl
-from edlm_dist.evaluation.likelihood import all_reduce_float64
+from edlm_dist.evaluation.genppl import GenPPLAccumulator, HFCausalLMOracle, exact_sequence_genppl
+from edlm_dist.parallel.collectives import all_reduce_float64
 
-SUMMARY_FILE = "summary.json"
 METHOD_NAMES = {"ar": "EDLM-AR", "coar": "EDLM-coAR", "nce": "EDLM-NCE", "oracle": "EDLM-oracle"}
 
 
 # ---------------------------------------------------------------------------------------- files
-def read_samples_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a sample file; DataError naming the file and line for anything malformed."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"sample file {path} does not exist; pass files written by `edlm sample` in eval.samples")
-    rows = []
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if not raw.strip():
-                continue
-            try:
-                row = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise DataError(f"{path} line {number} is not valid JSON ({exc.__class__.__name__}: "
-                                f"{str(exc).splitlines()[0]}); pass a JSONL file written by `edlm sample`") from None
-            tokens = row.get("tokens") if isinstance(row, dict) else None
-            if not isinstance(tokens, list) or not tokens or not all(
-                    isinstance(v, int) and not isinstance(v, bool) for v in tokens):
-                raise DataError(f"{path} line {number} has no 'tokens' list of integer ids; pass a JSONL file "
-                                "written by `edlm sample`")
-            if "seconds" in row and not isinstance(row["seconds"], (int, float)):
-                raise DataError(f"{path} line {number} has a non-numeric 'seconds' value; fix or drop that field")
-            rows.append(row)
-    if not rows:
-        raise DataError(f"sample file {path} holds no samples; sample again with `edlm sample`")
-    return rows
-
-
-def read_sample_summary(path: str | Path) -> dict:
-    """The sampler settings of a sample file (``summary.json`` in its folder; {} when there is none)."""
-    summary_path = Path(path).parent / SUMMARY_FILE
-    if not summary_path.is_file():
-        return {}
-    try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DataError(f"{summary_path} is not valid JSON ({exc}); re-run `edlm sample` or delete it") from None
-    return summary if isinstance(summary, dict) else {}
-
-
-def sampler_setting(summary: dict, key: str):
-    """A setting from a summary that may be flat or nest the settings under 'sample' / 'settings'."""
-    for scope in (summary, summary.get("sample"), summary.get("settings")):
-        if isinstance(scope, dict) and key in scope:
-            return scope[key]
-    return None
-
-
 def method_name(summary: dict, path: str | Path) -> str:
     """'MDLM', 'EDLM-AR', ... from the summary; the file's folder name when the sampler is unknown."""
     sampler = sampler_setting(summary, "sampler")
@@ -119,8 +71,6 @@ class HFOracle:
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", batch_size: int = 8,
                  max_length: Optional[int] = None, tokenizer=None) -> None:
-        from edlm_dist.evaluation.genppl import HFCausalLMOracle
-
         self.name = str(path)
         self.oracle = HFCausalLMOracle(path, device=device, batch_size=batch_size, max_length=max_length)
         self.tokenizer = tokenizer  # decodes rows without a 'text' field (the model's own tokenizer)
@@ -139,23 +89,6 @@ class HFOracle:
 
     def score_rows(self, rows: list[dict]) -> GenPPLAccumulator:
         return self.oracle.score(self.texts(rows)) if rows else GenPPLAccumulator()
-
-
-def synthetic_language_from_manifest(manifest: dict):
-    """The SyntheticLanguage that generated a prepared synthetic dataset, or ConfigError."""
-    from edlm_dist.config.schema import SyntheticConfig
-    from edlm_dist.data.synthetic import SyntheticLanguage
-
-    source = manifest.get("source") or {}
-    if source.get("name") != "synthetic" or not isinstance(source.get("config"), dict):
-        raise ConfigError("eval.oracle=exact needs data prepared from the synthetic language; set "
-                          "eval.oracle to a local HF causal LM folder (e.g. gpt2-large) for text data")
-    language = SyntheticLanguage(SyntheticConfig(**source["config"]), int(manifest["seq_len"]))
-    recorded = source.get("language", {}).get("tables_sha256")
-    if recorded and language.describe()["tables_sha256"] != recorded:
-        raise DataError("the synthetic language rebuilt from the manifest differs from the one that generated "
-                        "the data (tables hash mismatch); re-run prepare-data with this edlm-dist version")
-    return language
 
 
 # ------------------------------------------------------------------------------------- metrics
@@ -208,8 +141,6 @@ def data_reference(data_dir: str | Path, oracle: Optional[Oracle], *, entropy: b
                    dp_group=None, device: torch.device | str = "cpu") -> dict:
     """The data's own values: the first ``num_rows`` validation rows scored like samples, and for the
     synthetic language its exact entropy rate (the Gen PPL of perfect samples is exp of it)."""
-    from edlm_dist.data.loader import build_eval_loader
-
     loader = build_eval_loader(data_dir, split, micro_batch=max(num_rows, 1), max_rows=num_rows)
     rows = [{"tokens": row.tolist()} for batch in loader for row in batch]
     if tokenizer is not None:

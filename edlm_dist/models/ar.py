@@ -17,18 +17,16 @@ import torch.nn as nn
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.models.dit import DDiTBlock, check_tokens, check_tp_shape
 from edlm_dist.models.kv_cache import KVCache, run_blocks_cached
-from edlm_dist.models.layers import (
-    LayerNorm,
-    Rotary,
+from edlm_dist.models.layers import LayerNorm, Rotary, maybe_checkpoint
+from edlm_dist.models.tp_layers import (
     VocabParallelEmbedding,
     fill_padded_logits,
     gather_vocab_logits,
-    maybe_checkpoint,
-    tp_rank_size,
     vocab_output_linear,
     vocab_shard_range,
 )
 from edlm_dist.objectives.subs import NEG_INF, suppress_mask_logit
+from edlm_dist.parallel.sharded_state import tp_rank_size
 
 
 class ARFinalLayer(nn.Module):

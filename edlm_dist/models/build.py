@@ -18,7 +18,7 @@ from edlm_dist.errors import ConfigError
 from edlm_dist.models.ar import ARTransformer
 from edlm_dist.models.dit import DiT
 from edlm_dist.models.energy import EnergyModel
-from edlm_dist.models.layers import padded_vocab_size
+from edlm_dist.parallel.sharded_state import padded_vocab_size
 
 MODEL_KINDS = {"dit": DiT, "ar": ARTransformer, "energy": EnergyModel}
 FREQUENCY_FEATURES = 256  # sinusoidal features of the sigma embedding

@@ -18,22 +18,24 @@ import torch.nn.functional as F
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import ConfigError
 from edlm_dist.models.layers import (
-    ColumnParallelLinear,
     LayerNorm,
-    RowParallelLinear,
     Rotary,
     TimestepEmbedder,
-    VocabParallelEmbedding,
-    fill_padded_logits,
-    gather_vocab_logits,
     local_head_attention,
     maybe_checkpoint,
     modulate,
+)
+from edlm_dist.models.tp_layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    fill_padded_logits,
+    gather_vocab_logits,
     replicated_linear,
-    tp_rank_size,
     vocab_output_linear,
     vocab_shard_range,
 )
+from edlm_dist.parallel.sharded_state import tp_rank_size
 from edlm_dist.objectives.subs import NEG_INF
 
 

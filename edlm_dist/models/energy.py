@@ -24,7 +24,8 @@ import torch.nn as nn
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import CheckpointError
 from edlm_dist.models.dit import DDitFinalLayer, DiTTrunk, check_tokens
-from edlm_dist.models.layers import full_shape, replicated_linear, shard_full_tensor, tp_rank_size
+from edlm_dist.models.tp_layers import replicated_linear
+from edlm_dist.parallel.sharded_state import full_shape, shard_full_tensor, tp_rank_size
 
 TRUNK_PREFIXES = ("vocab_embed.", "sigma_map.", "blocks.")
 
@@ -61,7 +62,7 @@ class EnergyModel(DiTTrunk):
         """Copy embedding, sigma map and blocks from a DiT state dict (spec §6.2: E_φ starts from MDLM).
 
         Accepts this rank's shards (a DiT built at the same TP degree) or full tensors (e.g. from
-        :func:`edlm_dist.models.layers.full_state_dict`), per tensor.
+        :func:`edlm_dist.parallel.sharded_state.full_state_dict`), per tensor.
         """
         rank, size = tp_rank_size()
         copied = 0

@@ -1,5 +1,7 @@
 """Training losses: MDLM continuous-time NELBO, AR next-token loss, EDLM NCE loss (spec §4.2, §4.3, §6.4).
 
+The NCE negatives are drawn by :func:`edlm_dist.sampling.categorical.sample_nce_negatives`.
+
 The token losses take raw logits plus a ``cross_entropy`` hook so that a tensor-parallel caller
 can hand in logits of its vocabulary shard and Megatron's ``vocab_parallel_cross_entropy``:
 ``cross_entropy(logits2d (N, V_local), targets (N,)) -> (N,)`` must return the full-vocabulary
@@ -20,7 +22,6 @@ import torch.nn.functional as F
 
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import suppress_mask_logit
-from edlm_dist.sampling.categorical import sample_categorical_from_log_probs
 
 CrossEntropyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -127,22 +128,3 @@ def nce_loss(e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"nce_loss expects e_pos (B,) and e_neg (B, n); got {tuple(e_pos.shape)}, {tuple(e_neg.shape)}")
     per_row = F.softplus(e_pos) + F.softplus(-e_neg).mean(dim=-1)
     return per_row.mean()
-
-
-def sample_nce_negatives(
-    log_mu: torch.Tensor,
-    n: int,
-    *,
-    generator: torch.Generator | None = None,
-    dtype: torch.dtype = torch.float64,
-) -> torch.Tensor:
-    """Draw n negatives per row, ``x_- ~ prod_i Cat(mu_theta(. | x_t)_i)`` -> (B, n, L) (spec §6.4).
-
-    Independent per position; carried-over (unmasked) positions copy x_t because their row of
-    ``log_mu`` is one-hot. The race runs in ``dtype`` (float64 by default), not in the
-    reference's bf16, which truncates the tail of mu_theta (spec §6.7).
-    """
-    if log_mu.dim() != 3 or n < 1:
-        raise ValueError(f"sample_nce_negatives expects log_mu (B, L, V) and n >= 1; got {tuple(log_mu.shape)}, n={n}")
-    draws = [sample_categorical_from_log_probs(log_mu, generator=generator, dtype=dtype) for _ in range(n)]
-    return torch.stack(draws, dim=1)

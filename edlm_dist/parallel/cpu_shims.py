@@ -16,6 +16,14 @@ import contextlib
 import functools
 
 import torch
+from megatron.core.tensor_parallel import random as mp_random
+from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+from megatron.core.transformer import utils as mp_utils
+
+try:
+    from megatron.core.fusions import fused_softmax
+except ImportError:  # fusions are optional in some Megatron builds
+    fused_softmax = None
 
 _APPLIED = False
 
@@ -31,9 +39,6 @@ def apply_cpu_shims() -> bool:
         return False
     if _APPLIED:
         return True
-    from megatron.core.tensor_parallel import random as mp_random
-    from megatron.core.transformer import utils as mp_utils
-
     torch.cuda.current_device = lambda: torch.device("cpu")  # type: ignore[assignment]
 
     mp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
@@ -45,23 +50,13 @@ def apply_cpu_shims() -> bool:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
     mp_utils.get_default_causal_mask = cpu_causal_mask
-    try:
-        from megatron.core.fusions import fused_softmax
-
+    if fused_softmax is not None:
         fused_softmax.get_default_causal_mask = cpu_causal_mask
-    except ImportError:  # fusions are optional in some builds
-        pass
     _APPLIED = True
     return True
 
 
-def _tracker_base():
-    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
-
-    return CudaRNGStatesTracker
-
-
-class CpuRNGStatesTracker(_tracker_base()):  # type: ignore[misc]
+class CpuRNGStatesTracker(CudaRNGStatesTracker):
     """Megatron's RNG tracker with named states kept as CPU generator states."""
 
     def __init__(self, use_cudagraphable_rng: bool = False, is_inference_rng_tracker: bool = False):

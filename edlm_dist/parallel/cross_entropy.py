@@ -10,11 +10,10 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
 
 def vocab_parallel_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
     return vocab_parallel_cross_entropy(logits.float(), targets)
 
 

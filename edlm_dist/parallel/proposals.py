@@ -28,8 +28,7 @@ import torch
 import torch.distributed as dist
 
 from edlm_dist.errors import ConfigError, SamplingError
-from edlm_dist.sampling.engine import LocalProposals
-from edlm_dist.sampling.streams import state_hash
+from edlm_dist.fingerprint import state_hash
 
 
 def proposal_split(k: int, size: int) -> list[range]:
@@ -51,7 +50,11 @@ def default_proposal_parallel(dp_size: int, k: int) -> int:
 
 
 class DistributedProposals:
-    """The :class:`edlm_dist.sampling.engine.Proposals` exchange over a process group."""
+    """The :class:`edlm_dist.sampling.engine.Proposals` exchange over a process group.
+
+    It implements the sampling loop's protocol structurally and imports nothing from ``sampling/``:
+    parallelism stays here, the loop stays single-device math.
+    """
 
     def __init__(self, group=None, *, check_sync: bool = True):
         self.group = group
@@ -135,7 +138,7 @@ def _fingerprint(x: torch.Tensor, device) -> torch.Tensor:
 class SamplingLayout:
     """Where this rank sits: its proposal exchange and its share of the sequences."""
 
-    proposals: object
+    proposals: Optional[DistributedProposals]  # None: this rank draws all k proposals (the loop's default)
     proposal_rank: int
     proposal_size: int
     data_rank: int  # which proposal group (data-parallel shard of the sequences)
@@ -144,7 +147,7 @@ class SamplingLayout:
 
 
 def single_rank_layout() -> SamplingLayout:
-    return SamplingLayout(LocalProposals(), 0, 1, 0, 1, True)
+    return SamplingLayout(None, 0, 1, 0, 1, True)
 
 
 def sampling_layout(ctx, proposal_parallel: int, k: int, *, check_sync: bool = True) -> SamplingLayout:
@@ -165,7 +168,7 @@ def sampling_layout(ctx, proposal_parallel: int, k: int, *, check_sync: bool = T
             handle = dist.new_group(members)
             if ctx.rank in members:
                 group = handle
-    proposals = DistributedProposals(group, check_sync=check_sync) if size > 1 else LocalProposals()
+    proposals = DistributedProposals(group, check_sync=check_sync) if size > 1 else None
     proposal_rank = ctx.dp_rank % size
     return SamplingLayout(proposals, proposal_rank, size, ctx.dp_rank // size, ctx.dp_size // size,
                           writes=proposal_rank == 0 and ctx.tp_rank == 0)

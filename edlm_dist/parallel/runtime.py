@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
 from edlm_dist.config.load import validate_world
 from edlm_dist.config.schema import RunConfig
@@ -43,14 +45,10 @@ class ParallelContext:
 
     @property
     def tp_group(self):
-        from megatron.core import parallel_state
-
         return parallel_state.get_tensor_model_parallel_group()
 
     @property
     def dp_group(self):
-        from megatron.core import parallel_state
-
         return parallel_state.get_data_parallel_group()
 
 
@@ -113,9 +111,6 @@ def init_parallel(cfg: RunConfig, *, training: bool = True) -> ParallelContext:
     ``training=False`` (sampling, evaluation) skips the check that the training batch splits
     over the data-parallel ranks.
     """
-    from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
     layout = discover_environment()
     backend = choose_backend(cfg.parallel.backend)
     validate_world(cfg, int(layout["world_size"]), training=training)
@@ -169,8 +164,6 @@ def data_seed(seed: int, ctx: ParallelContext) -> int:
 
 def shutdown_parallel() -> None:
     """Tear down Megatron groups and the process group (avoids the gloo abort-at-exit flake)."""
-    from megatron.core import parallel_state
-
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():
@@ -183,8 +176,6 @@ def shutdown_parallel() -> None:
 
 def current_context() -> Optional[ParallelContext]:
     """The context of an initialised runtime, or None."""
-    from megatron.core import parallel_state
-
     if not (dist.is_initialized() and parallel_state.model_parallel_is_initialized()):
         return None
     return ParallelContext(

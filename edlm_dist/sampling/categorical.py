@@ -82,3 +82,22 @@ def sample_categorical_from_log_probs(
     """Same draw as ``sample_categorical(exp(log_probs))`` (Gumbel-max: argmax log p - log E)
     without materialising the probabilities; log-probs may be unnormalised and may hold -1e6/-inf."""
     return _race(log_probs, log_space=True, generator=generator, dtype=dtype, max_chunk_elements=max_chunk_elements)
+
+
+def sample_nce_negatives(
+    log_mu: torch.Tensor,
+    n: int,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """Draw n negatives per row, ``x_- ~ prod_i Cat(mu_theta(. | x_t)_i)`` -> (B, n, L) (spec §6.4).
+
+    Independent per position; carried-over (unmasked) positions copy x_t because their row of
+    ``log_mu`` is one-hot. The race runs in ``dtype`` (float64 by default), not in the
+    reference's bf16, which truncates the tail of mu_theta (spec §6.7).
+    """
+    if log_mu.dim() != 3 or n < 1:
+        raise ValueError(f"sample_nce_negatives expects log_mu (B, L, V) and n >= 1; got {tuple(log_mu.shape)}, n={n}")
+    draws = [sample_categorical_from_log_probs(log_mu, generator=generator, dtype=dtype) for _ in range(n)]
+    return torch.stack(draws, dim=1)

@@ -1,14 +1,29 @@
-"""Training-free energies for EDLM importance sampling (paper Eq. 9, spec §6.3, checklist #7).
+"""Energy math for EDLM importance sampling (paper §4.2, Eq. 9, spec §6.2, §6.3, checklist #7).
 
-All energies are ``E(x0, x_t) = -log q_proxy(x0 | x_t) + log p_theta(x0 | x_t)`` (up to a constant
-per x_t), so that ``p_theta * exp(-E)`` ∝ q_proxy: the importance sampler then targets the proxy
-(an AR model, or a known "oracle" distribution in tests). Everything is in LOG space; the
-reference's sampling path summed probabilities mu_theta instead of log mu_theta (spec §6.3 bug).
+Every energy is an :data:`EnergyFn`:
+``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> (N,) float64``, where
+``log_mu_tokens[n, i] = log mu_theta(x0[n, i] | x_t[n])`` comes from the SAME diffusion output that
+proposed x0 (0 at carried-over positions). Low energy = preferred (weights ∝ exp(-E / tau)).
+
+The training-free energies are ``E(x0, x_t) = -log q_proxy(x0 | x_t) + log p_theta(x0 | x_t)`` (up
+to a constant per x_t), so that ``p_theta * exp(-E)`` ∝ q_proxy: the importance sampler then targets
+the proxy. Everything is in LOG space; the reference's sampling path summed probabilities mu_theta
+instead of log mu_theta (spec §6.3 bug), we do not.
+
+The energies of trained models (AR/coAR, NCE, the exact oracle) that evaluate this math are in
+:mod:`edlm_dist.sampling.model_energies`; their block-wise views in
+:mod:`edlm_dist.sampling.prefix_energies`.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
+
+EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> energies (N,)``: the one energy signature
+of the sampler, the single-device reference step and the likelihood evaluation."""
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:

@@ -33,16 +33,13 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 
 from edlm_dist.errors import SamplingError
+from edlm_dist.fingerprint import state_hash
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import subs_log_probs
-from edlm_dist.sampling.energies import log_mu_at_rows
+from edlm_dist.sampling.chunking import rows_per_forward
+from edlm_dist.sampling.energies import EnergyFn, log_mu_at_rows
 from edlm_dist.sampling.importance import effective_sample_size, log_importance_weights, reveal_positions
-from edlm_dist.sampling.mdlm import (
-    move_chances,
-    noise_removal,
-    reveal_probs,
-    sampling_timesteps,
-)
+from edlm_dist.sampling.mdlm import move_chances, noise_removal, reveal_probs, sampling_timesteps
 from edlm_dist.sampling.settings import SamplerSettings
 from edlm_dist.sampling.streams import (
     MAX_RACE_ELEMENTS,
@@ -50,15 +47,9 @@ from edlm_dist.sampling.streams import (
     STREAM_RESAMPLE,
     STREAM_STEP,
     fill_from_streams,
-    state_hash,
     stream_categorical,
     stream_seed,
 )
-
-
-# On CPU, model forwards over at most 1024 tokens (rows * L) keep the small demo models' activations in
-# cache: EDLM-AR (k=8) samples 1.3x faster than with one 256 x 32-token energy forward (docs/frontier.md).
-CPU_CHUNK_TOKENS = 1024
 
 
 def call_with_rows(fn: Callable, *args, rows: torch.Tensor):
@@ -66,21 +57,11 @@ def call_with_rows(fn: Callable, *args, rows: torch.Tensor):
     return fn(*args, rows=rows) if getattr(fn, "needs_rows", False) else fn(*args)
 
 
-def rows_per_forward(device: torch.device, length: int, limit: int) -> int:
-    """Rows per model forward: at most ``limit``; on CPU also at most CPU_CHUNK_TOKENS tokens."""
-    if device.type == "cpu":
-        limit = min(limit, CPU_CHUNK_TOKENS // max(1, length))
-    return max(1, limit)
-
-
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """``(x_t (B, L) long, t (B,) float) -> log mu_theta (B, L, V)`` with SUBS applied. An optional
 attribute ``time_conditioning`` (default False) disables caching when True. A callable with
 ``needs_rows = True`` also gets ``rows=`` (the batch rows of its inputs): the block-wise sampler's views of
 the models keep per-row prefix state (sampling/blocks.py)."""
-
-EnergyFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> energies (N,)``; see energy_fns.py."""
 
 
 class ModelDenoiser:

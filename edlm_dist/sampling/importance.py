@@ -14,15 +14,14 @@ change as the reference) is decided by the caller's loop.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Optional
 
 import torch
 
 from edlm_dist.errors import SamplingError
 from edlm_dist.sampling.categorical import sample_categorical
+from edlm_dist.sampling.energies import EnergyFn, log_mu_at_candidates
 from edlm_dist.sampling.mdlm import check_move_chances, per_row_values
-
-EnergyFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def log_importance_weights(energies: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -120,13 +119,16 @@ def importance_sampling_step(
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
+    t: Optional[float] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """One EDLM denoising step with importance sampling (single-device reference, paper Alg. 1 lines 6-12).
 
     Args:
         p_x0: (B, L, V) mu_theta(x0 | x_t) probabilities (SUBS: one-hot at unmasked positions).
-        energy_fn: ``(candidates (B*k, L), x_t_repeated (B*k, L)) -> energies (B*k,)``; row b*k + j
+        energy_fn: an :data:`~edlm_dist.sampling.energies.EnergyFn` called on
+            ``(candidates (B*k, L), x_t_repeated (B*k, L), log mu_theta at the candidates, t)``; row b*k + j
             holds candidate j of batch element b and ``x_t.repeat_interleave(k, 0)[b*k + j] = x_t[b]``.
+        t: the step's time, for time-conditioned energies (NaN when not given).
     Returns:
         (x_s, x0_star, info) with info = {"log_weights" (B, k), "energies" (B, k), "ess" (B,), "index" (B,)}.
     """
@@ -134,7 +136,10 @@ def importance_sampling_step(
         raise SamplingError(f"importance sampling needs k >= 1 candidates, got {k}")
     batch, length = x_t.shape
     candidates = draw_proposals(p_x0, x_t, k, mask_id, generator=generator, dtype=dtype)
-    energies = energy_fn(candidates.reshape(batch * k, length), x_t.repeat_interleave(k, dim=0))
+    flat = candidates.reshape(batch * k, length)
+    log_mu_tokens = log_mu_at_candidates(torch.log(p_x0), flat, k)
+    times = torch.full((batch * k,), float("nan") if t is None else float(t), device=x_t.device)
+    energies = energy_fn(flat, x_t.repeat_interleave(k, dim=0), log_mu_tokens, times)
     if energies.numel() != batch * k:
         raise SamplingError(f"energy_fn must return one energy per candidate ({batch * k}), got {tuple(energies.shape)}")
     energies = energies.reshape(batch, k)

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from edlm_dist.sampling.chunking import rows_per_forward
 from edlm_dist.sampling.energies import oracle_energy
-from edlm_dist.sampling.engine import LocalProposals, rows_per_forward
+from edlm_dist.sampling.engine import LocalProposals
 
 
 class ARPrefixSession:

@@ -32,12 +32,6 @@ def stream_generator(device: torch.device, seed: int, stream: int, step: int, sa
     return generator
 
 
-def state_hash(x: torch.Tensor) -> int:
-    """Exact fingerprint of a token tensor (for "x_t identical across ranks" checks and traces)."""
-    return int.from_bytes(hashlib.blake2b(x.detach().cpu().contiguous().numpy().tobytes(), digest_size=8).digest(),
-                          "little")
-
-
 MAX_RACE_ELEMENTS = DEFAULT_MAX_CHUNK_ELEMENTS  # elements of one vectorised noise tensor (256 MiB in float64)
 
 

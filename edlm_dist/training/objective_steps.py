@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import torch
 
+from edlm_dist.artifacts.weights import load_trained_model
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError
-from edlm_dist.objectives.losses import ar_loss, mdlm_loss, nce_loss, sample_nce_negatives
+from edlm_dist.models.build import build_model
+from edlm_dist.objectives.losses import ar_loss, mdlm_loss, nce_loss
 from edlm_dist.objectives.schedule import LogLinearSchedule, mask_tokens, sample_times
 from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.parallel.cross_entropy import cross_entropy_for
+from edlm_dist.parallel.sharded_state import full_tensors
+from edlm_dist.sampling.categorical import sample_nce_negatives
+
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -107,8 +112,6 @@ class NCEObjective(Objective):
 
 def build_objective(cfg: RunConfig, vocab_size: int, mask_id: int, tp_size: int, device: torch.device):
     """The objective with its freshly initialised (or, for NCE, diffusion-initialised) module."""
-    from edlm_dist.models.build import build_model
-
     kind = cfg.train.objective
     seq_len = cfg.data.seq_len
     if kind == "mdlm":
@@ -123,9 +126,6 @@ def build_objective(cfg: RunConfig, vocab_size: int, mask_id: int, tp_size: int,
 
 
 def _build_nce(cfg: RunConfig, vocab_size: int, mask_id: int, tp_size: int, device) -> NCEObjective:
-    from edlm_dist.models.build import build_model
-    from edlm_dist.training.weights import full_tensors, load_trained_model
-
     if not cfg.train.diffusion_ckpt:
         raise CheckpointError("train.objective=nce needs train.diffusion_ckpt=<the --out folder of an MDLM run>")
     diffusion, meta, dcfg = load_trained_model(cfg.train.diffusion_ckpt, use_ema=True, expect_kind="dit", device=device)

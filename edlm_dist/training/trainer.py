@@ -18,20 +18,25 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
+from edlm_dist.artifacts import checkpoint as ckpt
+from edlm_dist.artifacts.weights import export_weights, weights_meta
 from edlm_dist.config.load import save_config
 from edlm_dist.config.schema import RunConfig
+from edlm_dist.data.loader import build_eval_loader, build_train_loader
+from edlm_dist.data.locations import retry_policy
+from edlm_dist.data.shards import validate_dataset
 from edlm_dist.errors import TrainingError
-from edlm_dist.parallel.engine import build_engine, resolve_precision
+from edlm_dist.models.build import count_parameters, estimate_memory, flops_per_token
+from edlm_dist.parallel.deepspeed_engine import build_engine, resolve_precision
 from edlm_dist.parallel.runtime import ParallelContext, data_seed, init_parallel
-from edlm_dist.training import checkpoint as ckpt
+from edlm_dist.parallel.sharded_state import gathered_parameters, grad_norm
 from edlm_dist.training.ema import EMA
 from edlm_dist.training.metrics_logger import MetricsLogger, console_logger
 from edlm_dist.training.objective_steps import Objective, build_objective
-from edlm_dist.training.weights import export_weights, gathered_parameters, weights_meta
 
 VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
-REQUEUE_EXIT_CODE = 3  # `edlm train` exits with this after a preemption checkpoint: "requeue me"
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preemption / time limit
 
 
@@ -56,9 +61,6 @@ class Preempted(Exception):
 
 def load_data_description(cfg: RunConfig) -> dict:
     """Check the shards against the config (before any model is built) and return the manifest."""
-    from edlm_dist.data.locations import retry_policy
-    from edlm_dist.data.shards import validate_dataset
-
     manifest = validate_dataset(cfg.data.dir, seq_len=cfg.data.seq_len, vocab_size=cfg.data.vocab_size or None,
                                 check_contents=True, retry=retry_policy(cfg.data))
     return manifest
@@ -115,17 +117,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
     def _build_loader(self):
-        from edlm_dist.data.loader import build_train_loader
-        from edlm_dist.data.locations import retry_policy
-
         d = self.cfg.data
         return build_train_loader(d.dir, "train", micro_batch=self.cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,
                                   dp_world=self.ctx.dp_size, seed=d.seed, shuffle_buffer=d.shuffle_buffer,
                                   num_workers=d.num_workers, manifest=self.manifest, retry=retry_policy(d))
 
     def _log_plan(self) -> None:
-        from edlm_dist.models.build import count_parameters, estimate_memory
-
         if not self.ctx.is_main:
             return
         m, t = self.cfg.model, self.cfg.train
@@ -186,8 +183,6 @@ class Trainer:
                                 "lower train.lr or check the data")
         self.engine.backward(loss)
         if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
-            from edlm_dist.models.layers import grad_norm
-
             # DeepSpeed reports the global norm only for ZeRO >= 1; count replicated params once.
             self._grad_norm = float(grad_norm(self.engine.module, self.ctx.tp_group))
         self.engine.step()
@@ -214,8 +209,6 @@ class Trainer:
                                 f"checkpoint: {last if last else 'none'}; re-launch the job to resume from it") from None
 
     def _train(self, stop_after: Optional[int]) -> dict:
-        from tqdm import tqdm
-
         cfg = self.cfg.train
         self.resume_if_possible()
         if self.ctx.is_main:  # after the checkpoint check: a refused config must not replace the run's config.yaml
@@ -262,8 +255,6 @@ class Trainer:
             self.ema.update()
 
     def _step_metrics(self, loss: torch.Tensor, seconds: float, tokens_per_step: int) -> dict:
-        from edlm_dist.models.build import flops_per_token
-
         tokens_per_s = tokens_per_step / seconds
         flops = flops_per_token(self.cfg.model, self.vocab_size, self.cfg.data.seq_len, self.objective.model_kind)
         grad_norm = self.engine.get_global_grad_norm()
@@ -285,9 +276,6 @@ class Trainer:
     @torch.no_grad()
     def validate(self) -> float:
         """Mean validation loss with EMA weights in eval mode, on fixed noise (does not touch training RNG)."""
-        from edlm_dist.data.loader import build_eval_loader
-        from edlm_dist.data.locations import retry_policy
-
         cfg = self.cfg
         max_rows = cfg.train.val_batches * cfg.train.micro_batch * self.ctx.dp_size
         loader = build_eval_loader(cfg.data.dir, "valid", micro_batch=cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,

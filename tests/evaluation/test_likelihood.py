@@ -19,15 +19,15 @@ from edlm_dist.evaluation.likelihood import (
     ar_energy_fn,
     diffusion_log_mu,
     draw_negatives,
-    evaluate_likelihood,
     likelihood_batch_terms,
     likelihood_terms,
     nce_energy_fn,
     row_generator,
     theorem1_estimates,
 )
+from edlm_dist.evaluation.run import evaluate_likelihood
 from edlm_dist.models.build import build_model
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from tolerances import approx_across, assert_close_across, network_reduction_size
 
 F64 = torch.float64
@@ -152,7 +152,7 @@ def _exact_log_z(energy_fn, log_mu, x_t_row, masked_positions):
     log_p = log_mu_c.sum(-1)
     # pθ(·|x_t) is normalised over them (an fp32 softmax per position)
     assert torch.logsumexp(log_p, 0).item() == approx_across(0.0, dtype=torch.float32, reduction_size=TINY_N)
-    neg_e = -energy_fn(x_t_row.expand(len(cands), -1), cands, log_mu_c)
+    neg_e = -energy_fn(cands, x_t_row.expand(len(cands), -1), log_mu_c, torch.zeros(len(cands)))
     return torch.logsumexp(log_p + neg_e, 0).item(), (log_p.exp() * neg_e).sum().item()
 
 

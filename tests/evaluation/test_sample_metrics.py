@@ -27,7 +27,7 @@ from edlm_dist.evaluation.sample_metrics import (
     read_sample_summary,
     read_samples_jsonl,
 )
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from tolerances import approx_across, network_reduction_size
 
 LANG_CFG = SyntheticConfig(num_tokens=8, num_topics=2, branching=2, train_rows=8, valid_rows=40)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edlm_dist.config.load import load_config
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multirank]
 
@@ -29,7 +29,7 @@ def _need_gpus(n: int) -> None:
 
 def _logits_and_grads(kind: str, tp: int):
     from edlm_dist.models.build import build_model
-    from edlm_dist.models.layers import full_grads
+    from edlm_dist.parallel.sharded_state import full_grads
     from edlm_dist.parallel.runtime import init_parallel
 
     cfg = load_config(None, TINY + [f"parallel.tp={tp}"])
@@ -97,7 +97,7 @@ def test_zero_bf16_on_gpus_tracks_one_gpu(gpu_data, stage):
 
 
 def _pipeline(out_dir):
-    from edlm_dist.launch.pipeline import run_pipeline
+    from edlm_dist.pipeline.run import run_pipeline
 
     cfg = load_config("configs/demo.yaml", [
         "train.precision=bf16", "pipeline.mdlm_steps=200", "pipeline.ar_steps=200", "pipeline.nce_steps=50",

@@ -8,7 +8,7 @@ import torch
 
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import full_state_dict, load_full_state_dict
+from edlm_dist.parallel.sharded_state import full_state_dict, load_full_state_dict
 
 V, L, B = 37, 8, 3
 

@@ -10,7 +10,7 @@ import torch
 
 from edlm_dist.errors import ConfigError
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import full_state_dict
+from edlm_dist.parallel.sharded_state import full_state_dict
 
 from model_helpers import B, L, V, randomised, tiny, tokens  # noqa: E402
 from tolerances import assert_close_across, network_reduction_size  # noqa: E402

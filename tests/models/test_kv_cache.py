@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import ConfigError
 from edlm_dist.models.kv_cache import KVCache, run_blocks_cached
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 from model_helpers import L, V, randomised, tiny
 from tolerances import network_reduction_size, tolerance

@@ -18,10 +18,16 @@ import torch.nn.functional as F
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import (
-    full_grads, full_state_dict, gather_vocab_logits, grad_norm, is_tp_sharded, load_full_state_dict, tp_group,
+from edlm_dist.models.tp_layers import gather_vocab_logits
+from edlm_dist.parallel.sharded_state import (
+    full_grads,
+    full_state_dict,
+    grad_norm,
+    is_tp_sharded,
+    load_full_state_dict,
+    tp_group,
 )
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from tolerances import network_reduction_size, tolerance
 
 V, L, B, SEED = 37, 8, 2, 7

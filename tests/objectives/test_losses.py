@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from edlm_dist.objectives.losses import ar_loss, mdlm_loss, nce_loss, sample_nce_negatives
+from edlm_dist.objectives.losses import ar_loss, mdlm_loss, nce_loss
+from edlm_dist.sampling.categorical import sample_nce_negatives
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.objectives.subs import gather_token_log_probs, subs_log_probs
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edlm_dist.config.load import load_config
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from tolerances import assert_close_across
 
 pytestmark = pytest.mark.multirank
@@ -35,7 +35,7 @@ def _batches():
 
 
 def _deepspeed_run(stage: int):
-    from edlm_dist.parallel.engine import build_engine
+    from edlm_dist.parallel.deepspeed_engine import build_engine
     from edlm_dist.parallel.runtime import init_parallel
 
     cfg = load_config(None, _overrides(stage))
@@ -56,7 +56,7 @@ def _deepspeed_run(stage: int):
 
 
 def _reference():
-    from edlm_dist.parallel.engine import build_optimizer, lr_lambda
+    from edlm_dist.parallel.deepspeed_engine import build_optimizer, lr_lambda
 
     cfg = load_config(None, _overrides(0))
     model = _model()

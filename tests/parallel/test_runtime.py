@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from edlm_dist.config.load import load_config
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from tolerances import assert_close_across
 
 pytestmark = pytest.mark.multirank

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from edlm_dist.parallel.spawn import RankFailure, run_on_ranks
+from tests.spawn import RankFailure, run_on_ranks
 
 pytestmark = pytest.mark.multirank
 

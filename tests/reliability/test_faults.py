@@ -1,4 +1,4 @@
-"""Every reliability scenario (edlm_dist/testing) as a test: faults end resumable and bit-exact,
+"""Every reliability scenario (tests/reliability) as a test: faults end resumable and bit-exact,
 bad inputs are refused before work starts with one line naming the fix (docs/reliability.md)."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ from collections import Counter
 
 import pytest
 
-from edlm_dist.testing.bad_inputs import cli_refusal, train_argv
-from edlm_dist.testing.faults import all_scenarios, run_scenario
-from edlm_dist.testing.harness import Workspace, compare_to_reference, warm_imports
+from tests.reliability.bad_inputs import cli_refusal, train_argv
+from tests.reliability.faults import all_scenarios, run_scenario
+from tests.reliability.harness import Workspace, compare_to_reference, warm_imports
 
 SCENARIOS = all_scenarios()
 

@@ -17,7 +17,7 @@ import torch
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import SamplingError
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import full_state_dict, load_full_state_dict
+from edlm_dist.parallel.sharded_state import full_state_dict, load_full_state_dict
 from edlm_dist.sampling.ar_sampler import sample_ar_batch
 from edlm_dist.sampling.settings import SamplerSettings
 

@@ -23,7 +23,7 @@ from edlm_dist.errors import SamplingError
 from edlm_dist.models.build import build_model
 from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.sampling.blocks import block_spans, sample_blocks
-from edlm_dist.sampling.energy_fns import AREnergy, NCEEnergy, OracleEnergy
+from edlm_dist.sampling.model_energies import AREnergy, NCEEnergy, OracleEnergy
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
 
 from test_math_importance import _exact_selection_by_laplace  # noqa: E402  (tests/sampling is on sys.path)

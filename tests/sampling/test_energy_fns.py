@@ -17,9 +17,10 @@ from edlm_dist.config.schema import ModelConfig, SyntheticConfig
 from edlm_dist.data.synthetic import SyntheticLanguage
 from edlm_dist.errors import ConfigError, DataError
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import load_full_state_dict
+from edlm_dist.parallel.sharded_state import load_full_state_dict
 from edlm_dist.sampling.energies import log_mu_at_candidates
-from edlm_dist.sampling.energy_fns import AREnergy, NCEEnergy, OracleEnergy, build_energy, synthetic_language_for
+from edlm_dist.artifacts.weights import synthetic_language_for
+from edlm_dist.sampling.model_energies import AREnergy, NCEEnergy, OracleEnergy, build_energy
 from tolerances import assert_close_across, network_reduction_size
 
 TINY = ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0, use_apex=False)

@@ -141,7 +141,7 @@ def _changes_before_each_step(trace: list[int], start_hash: int) -> int:
 
 
 def test_cache_is_used_only_while_nothing_changed_and_never_with_time_conditioning():
-    from edlm_dist.sampling.streams import state_hash
+    from edlm_dist.fingerprint import state_hash
 
     steps = 48
     start = torch.full((1, 2), MASK)
@@ -218,7 +218,7 @@ def test_window_and_ess_bookkeeping():
 
 
 def test_reuse_runs_is_only_after_a_change_and_redraw_runs_it_every_step():
-    from edlm_dist.sampling.streams import state_hash
+    from edlm_dist.fingerprint import state_hash
 
     k, steps = 2, 40
     start = torch.full((1, 2), MASK)

@@ -86,7 +86,7 @@ def test_importance_step_matches_exact_selection(k):
     log_proposal = torch.log(PROPOSAL)
     energy_table = -torch.log(p_true) + log_proposal
 
-    def energy_fn(candidates, x_t_rep):
+    def energy_fn(candidates, x_t_rep, *_):
         codes = candidates[:, 0] * 3 + candidates[:, 1]
         log_mu_tokens = torch.stack([torch.log(MU2[0, candidates[:, 0]]), torch.log(MU2[1, candidates[:, 1]])], dim=1)
         energies = oracle_energy(torch.log(p_true[codes]), log_mu_tokens)
@@ -150,7 +150,7 @@ def test_candidates_stay_with_their_batch_element():
     p_x0[:, 0] = torch.nn.functional.one_hot(x_t[:, 0], 4).double()
     energy = torch.tensor([[0.5, -0.5, 1.0], [-50.0, -49.0, -51.0]], dtype=torch.float64)  # E(a, b)
 
-    def energy_fn(candidates, x_t_rep):
+    def energy_fn(candidates, x_t_rep, *_):
         assert torch.equal(candidates[:, 0], x_t_rep[:, 0])  # x_t repeated batch-major, aligned
         return energy[candidates[:, 0], candidates[:, 1]]
 

@@ -17,10 +17,10 @@ import torch
 
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import full_state_dict, load_full_state_dict
-from edlm_dist.parallel.spawn import run_on_ranks
+from edlm_dist.parallel.sharded_state import full_state_dict, load_full_state_dict
+from tests.spawn import run_on_ranks
 from edlm_dist.sampling.blocks import block_spans, sample_blocks
-from edlm_dist.sampling.energy_fns import AREnergy
+from edlm_dist.sampling.model_energies import AREnergy
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings
 
 V, L, MASK, BATCH, BLOCK = 9, 12, 8, 4, 3

@@ -18,12 +18,12 @@ from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import ConfigError, SamplingError
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import load_full_state_dict
+from edlm_dist.parallel.sharded_state import load_full_state_dict
 from edlm_dist.parallel.proposals import default_proposal_parallel, proposal_split, sampling_layout
-from edlm_dist.parallel.spawn import run_on_ranks
-from edlm_dist.sampling.cli import _batches
-from edlm_dist.sampling.energy_fns import AREnergy
 from edlm_dist.sampling.blocks import sample_rows
+from edlm_dist.sampling.model_energies import AREnergy
+from edlm_dist.sampling.run import _batches
+from tests.spawn import run_on_ranks
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
 from tolerances import approx_across, network_reduction_size
 

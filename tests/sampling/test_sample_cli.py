@@ -18,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from edlm_dist.cli import main
 from edlm_dist.config.schema import SyntheticConfig
-from edlm_dist.parallel.spawn import run_on_ranks
-from edlm_dist.sampling.energy_fns import synthetic_language_for
+from tests.spawn import run_on_ranks
+from edlm_dist.artifacts.weights import synthetic_language_for
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
-from edlm_dist.training.weights import load_trained_model
+from edlm_dist.artifacts.weights import load_trained_model
 
 DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "demo.yaml")
 QUIET = ["logging.progress=false", "train.val_every=1000", "train.save_every=1000", "train.log_every=1000"]
@@ -102,7 +102,7 @@ def test_sample_cli_writes_samples_and_summary(runs, tmp_path, capsys):
     assert [v is not None for v in ess_steps] == [True] * 4 + [False] * 2
     assert summary["mean_ess"] == pytest.approx(sum(r["mean_ess"] for r in rows) / 7)
     # Same rows as the engine called directly on one batch: sample i does not depend on the batching.
-    from edlm_dist.sampling.energy_fns import AREnergy
+    from edlm_dist.sampling.model_energies import AREnergy
 
     ar = load_trained_model(runs["ar"], expect_kind="ar")[0]
     settings = SamplerSettings(sampler="edlm", steps=6, k=3, window=0.5, seed=5)
@@ -122,7 +122,7 @@ def test_sample_cli_writes_samples_and_summary(runs, tmp_path, capsys):
 
 def _sample_on_rank(overrides: list[str], out: str, proposal_parallel: int):
     from edlm_dist.config.load import load_config
-    from edlm_dist.sampling.cli import run_sampling
+    from edlm_dist.sampling.run import run_sampling
 
     summary = run_sampling(load_config(DEMO, overrides), out, proposal_parallel=proposal_parallel)
     return None if summary is None else (summary["proposal_parallel"], summary["data_parallel_groups"])

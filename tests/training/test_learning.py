@@ -9,7 +9,7 @@ import torch
 
 from edlm_dist.config.load import load_config
 from edlm_dist.errors import TrainingError
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 from training_helpers import tiny_overrides
 

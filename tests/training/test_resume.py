@@ -79,7 +79,7 @@ def test_sigkill_then_resume_is_bit_exact(synthetic_data, tmp_path, objective):
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_checkpoints_and_exits_with_requeue_code(synthetic_data, tmp_path, signum):
-    from edlm_dist.training.trainer import REQUEUE_EXIT_CODE
+    from edlm_dist.errors import REQUEUE_EXIT_CODE
 
     repo = Path(__file__).resolve().parents[2]
     out = tmp_path / "run"

@@ -7,7 +7,7 @@ import torch
 
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 from tolerances import approx_across, assert_close_across, network_reduction_size
 from training_helpers import tiny_overrides
@@ -26,7 +26,7 @@ def _batches(data_dir, rows: int):
 
 
 def _zero_run(data_dir, stage: int):
-    from edlm_dist.parallel.engine import build_engine
+    from edlm_dist.parallel.deepspeed_engine import build_engine
     from edlm_dist.parallel.runtime import init_parallel
     from edlm_dist.training.objective_steps import build_objective
 
@@ -51,7 +51,7 @@ def _zero_run(data_dir, stage: int):
 def _plain_reference(data_dir):
     from edlm_dist.models.build import build_model
     from edlm_dist.objectives.losses import ar_loss
-    from edlm_dist.parallel.engine import build_optimizer, lr_lambda
+    from edlm_dist.parallel.deepspeed_engine import build_optimizer, lr_lambda
 
     cfg = load_config(None, tiny_overrides(data_dir, **{"train.objective": "ar"}))
     torch.manual_seed(cfg.train.seed)

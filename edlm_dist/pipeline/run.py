@@ -1,4 +1,4 @@
-"""``edlm pipeline CONFIG --out DIR``: the whole EDLM story on one machine, end to end.
+"""The whole EDLM story on one machine, end to end (``edlm pipeline CONFIG --out DIR``).
 
 Stages (each writes into its own folder under DIR and is skipped when already complete, so a
 re-run reuses finished work and an interrupted one resumes):
@@ -12,7 +12,6 @@ re-run reuses finished work and an interrupted one resumes):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -21,10 +20,33 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edlm_dist.config.load import load_config, save_config
+import torch
+
+from edlm_dist.artifacts.files import write_json_atomic
+from edlm_dist.artifacts.provenance import git_commit
+from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, samples_path, summary_path
+from edlm_dist.artifacts.weights import load_trained_model, synthetic_language_for, trained_step
+from edlm_dist.config.load import save_config
 from edlm_dist.config.schema import RunConfig
+from edlm_dist.errors import ConfigError
+from edlm_dist.data.loader import build_eval_loader
+from edlm_dist.data.prepare import prepare_data
+from edlm_dist.data.shards import has_manifest
+from edlm_dist.data.synthetic import SyntheticLanguage
+from edlm_dist.evaluation.entropy import unigram_entropy_bits
+from edlm_dist.evaluation.genppl import exact_sequence_genppl
+from edlm_dist.evaluation.likelihood import LikelihoodModels, LikelihoodSettings
+from edlm_dist.evaluation.run import evaluate_likelihood
+from edlm_dist.evaluation.report import markdown_table, plot_entropy_vs_genppl, plot_frontier
+from edlm_dist.parallel.runtime import init_parallel
+from edlm_dist.sampling.model_energies import ENERGIES, build_energy
+from edlm_dist.sampling.engine import ModelDenoiser
+from edlm_dist.sampling.run import run_sampling
+from edlm_dist.training.trainer import Trainer
 
 log = logging.getLogger("edlm.pipeline")
+RESULTS_FILE, REPORT_FILE, LIKELIHOOD_FILE = "results.json", "results.md", "likelihood.json"
+RUN_NAMES = ("mdlm", "ar", "nce")  # the trained models' folders under OUT
 
 METHODS = {  # name -> (sampler, energy)
     "mdlm": ("mdlm", None),
@@ -35,17 +57,9 @@ METHODS = {  # name -> (sampler, energy)
 }
 
 
-def _write_json(path: Path, payload: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
 def prepare_stage(cfg: RunConfig, out: Path) -> Path:
-    from edlm_dist.data.prepare import prepare_data
-
     data_dir = out / "data"
-    if (data_dir / "manifest.json").is_file():
+    if has_manifest(data_dir):
         log.info("data: reusing %s", data_dir)
         return data_dir
     prepare_data("synthetic", data_dir, seq_len=cfg.data.seq_len, tokenizer_spec="synthetic",
@@ -54,15 +68,8 @@ def prepare_stage(cfg: RunConfig, out: Path) -> Path:
     return data_dir
 
 
-def _finished(run_dir: Path, steps: int) -> bool:
-    meta = run_dir / "weights" / "meta.json"
-    return meta.is_file() and json.loads(meta.read_text()).get("step") == steps
-
-
 def train_stage(cfg: RunConfig, data_dir: Path, run_dir: Path, objective: str, steps: int, **extra) -> Path:
-    from edlm_dist.training.trainer import Trainer
-
-    if _finished(run_dir, steps):
+    if trained_step(run_dir) == steps:
         log.info("train %s: reusing %s", objective, run_dir)
         return run_dir
     stage = copy.deepcopy(cfg)
@@ -82,12 +89,9 @@ def train_stage(cfg: RunConfig, data_dir: Path, run_dir: Path, objective: str, s
 
 
 def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, steps: int) -> dict:
-    from edlm_dist.sampling.cli import SUMMARY_FILE, run_sampling
-
     folder = out / "samples" / f"{method}_T{steps}"
-    summary_path = folder / SUMMARY_FILE
-    if summary_path.is_file():
-        return json.loads(summary_path.read_text())
+    if summary_path(folder).is_file():
+        return read_sample_summary(samples_path(folder))
     sampler, energy = METHODS[method]
     stage = copy.deepcopy(cfg)
     s = stage.sample
@@ -99,12 +103,7 @@ def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, 
 
 def sample_metrics(folder: Path, language) -> dict:
     """Exact Gen PPL (token-weighted over the oracle's scored tokens) and mean unigram entropy in bits."""
-    import torch
-
-    from edlm_dist.evaluation.entropy import unigram_entropy_bits
-    from edlm_dist.evaluation.genppl import exact_sequence_genppl
-
-    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_samples_jsonl(samples_path(folder))
     tokens = torch.tensor([r["tokens"] for r in rows], dtype=torch.long)
     log_probs = language.log_prob(tokens)
     nll_per_token = -log_probs / language.num_scored_tokens
@@ -121,11 +120,6 @@ def sample_metrics(folder: Path, language) -> dict:
 
 def data_reference(cfg: RunConfig, data_dir: Path, language) -> dict:
     """The language's own values: exact entropy rate as Gen PPL, and entropy of validation rows."""
-    import torch
-
-    from edlm_dist.data.loader import build_eval_loader
-    from edlm_dist.evaluation.entropy import unigram_entropy_bits
-
     rate, stderr = language.entropy_per_token()
     rows = torch.cat(list(build_eval_loader(data_dir, "valid", micro_batch=256, max_rows=cfg.pipeline.num_samples)))
     return {"gen_ppl": math.exp(rate), "nll_per_token": rate, "nll_per_token_stderr": stderr,
@@ -134,10 +128,7 @@ def data_reference(cfg: RunConfig, data_dir: Path, language) -> dict:
 
 def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: Path, out: Path) -> dict:
     """MDLM NELBO, AR NLL, EDLM-coAR and Theorem-1 EDLM-AR/NCE bounds on the validation rows (EMA weights)."""
-    from edlm_dist.evaluation.likelihood import LikelihoodModels, LikelihoodSettings, evaluate_likelihood
-    from edlm_dist.training.weights import load_trained_model
-
-    path = out / "likelihood.json"
+    path = out / LIKELIHOOD_FILE
     if path.is_file():
         return json.loads(path.read_text())
     diffusion, meta, _ = load_trained_model(runs["mdlm"], expect_kind="dit")
@@ -150,13 +141,11 @@ def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: Path, out:
     max_rows = e.max_batches * e.batch_size if e.max_batches else None
     result = evaluate_likelihood(models, data_dir, settings=settings, batch_size=e.batch_size, max_rows=max_rows,
                                  progress=cfg.logging.progress)
-    _write_json(path, result)
+    write_json_atomic(path, result)
     return result
 
 
 def report(cfg: RunConfig, out: Path, results: dict) -> None:
-    from edlm_dist.evaluation.report import markdown_table, plot_entropy_vs_genppl, plot_frontier
-
     curves = {m: results["methods"][m] for m in METHODS if m in results["methods"]}
     plot_frontier(curves, out / "frontier.png")
     plot_entropy_vs_genppl(curves, out / "entropy_vs_genppl.png")
@@ -169,12 +158,10 @@ def report(cfg: RunConfig, out: Path, results: dict) -> None:
                                    "k", "window"]), ""]
     if "likelihood" in results:
         lines += ["## Validation likelihood", "", _likelihood_table(results["likelihood"]), ""]
-    (out / "results.md").write_text("\n".join(lines))
+    (out / REPORT_FILE).write_text("\n".join(lines))
 
 
 def _likelihood_table(likelihood: dict) -> str:
-    from edlm_dist.evaluation.report import markdown_table
-
     rows = []
     for name, values in likelihood.get("methods", {}).items():
         estimates = {k: v for k, v in values.items() if isinstance(v, dict) and "nll" in v}
@@ -185,9 +172,6 @@ def _likelihood_table(likelihood: dict) -> str:
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
-    from edlm_dist.data.synthetic import SyntheticLanguage
-    from edlm_dist.parallel.runtime import init_parallel
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
@@ -210,14 +194,12 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
             })
     results["data"] = data_reference(cfg, data_dir, language)
     results["likelihood"] = likelihood_stage(cfg, runs, data_dir, out)
-    _write_json(out / "results.json", results)
+    write_json_atomic(out / RESULTS_FILE, results)
     report(cfg, out, results)
     return results
 
 
 def _settings(cfg: RunConfig) -> dict:
-    from edlm_dist.sampling.cli import git_commit
-
     s = cfg.sample
     return {"k": s.k, "window": s.window, "temperature": s.temperature, "precision": s.precision,
             "update": s.update, "redraw_every_step": s.redraw_every_step, "use_ema": s.use_ema, "seed": s.seed,
@@ -225,14 +207,20 @@ def _settings(cfg: RunConfig) -> dict:
             "ar": cfg.pipeline.ar_steps, "nce": cfg.pipeline.nce_steps}, "git_commit": git_commit()}
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    from edlm_dist.parallel.runtime import shutdown_parallel
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    cfg = load_config(args.config, args.overrides)
-    try:
-        results = run_pipeline(cfg, args.out)
-    finally:
-        shutdown_parallel()
-    print((Path(args.out) / "results.md").read_text())
-    return 0 if results else 1
+def load_pipeline_models(out: str | os.PathLike):
+    """The trained models of a finished pipeline folder, ready to sample and score with the exact oracle:
+    ``(denoiser, {energy kind: energy}, exact language, diffusion meta)`` (the benchmarks' entry point)."""
+    out = Path(out)
+    for name in RUN_NAMES:
+        if trained_step(out / name) is None:
+            raise ConfigError(f"{out / name} holds no trained weights; pass the --out folder of "
+                              "`edlm pipeline configs/demo.yaml`")
+    dit, meta, _ = load_trained_model(out / "mdlm", expect_kind="dit")
+    language = synthetic_language_for(meta)
+    if language is None:
+        raise ConfigError("the diffusion model was not trained on the synthetic language; the exact Gen PPL needs it "
+                          "(run `edlm pipeline configs/demo.yaml`)")
+    models = {"ar_model": load_trained_model(out / "ar", expect_kind="ar")[0],
+              "energy_model": load_trained_model(out / "nce", expect_kind="energy")[0], "language": language}
+    energies = {kind: build_energy(kind, mask_id=meta["mask_id"], **models) for kind in ENERGIES}
+    return ModelDenoiser(dit, meta["mask_id"], meta["vocab_size"]), energies, language, meta

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from edlm_dist.errors import ConfigError, DataError, SamplingError
-from edlm_dist.testing.harness import (
+from tests.reliability.harness import (
     TRAIN_STEPS,
     Observation,
     Scenario,
@@ -168,7 +168,7 @@ def reference_copy(edit: Callable[[Path], None], *overrides: str) -> Build:
 
 
 def bump_format(run: Path) -> None:
-    from edlm_dist.training.checkpoint import FORMAT_VERSION
+    from edlm_dist.artifacts.checkpoint import FORMAT_VERSION
 
     meta_path = run / "checkpoints" / f"step_{TRAIN_STEPS:08d}" / "meta.json"
     meta = json.loads(meta_path.read_text())

@@ -1,6 +1,6 @@
 """The scenario registry: faults during real runs (this file) and bad inputs (bad_inputs.py).
 
-Each :class:`~edlm_dist.testing.harness.Scenario` has a name, what is done, the promised outcome,
+Each :class:`~tests.reliability.harness.Scenario` has a name, what is done, the promised outcome,
 and a function that does it on CPU in seconds and returns what was observed with PASS/FAIL.
 ``tools/fault_report.py`` prints them as a scorecard; ``tests/reliability/test_faults.py`` runs
 each one as a test. A training fault passes only if the run then resumes and every logged loss,
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from edlm_dist.testing.harness import (  # checkpoints of the tiny run: steps 3, 6, 8 (SAVE_EVERY=3)
+from tests.reliability.harness import (
     ChildResult,
     Observation,
     Scenario,
@@ -99,7 +99,7 @@ def kill_inside_checkpoint_write(out: Path, step: int) -> Inject:
     """SIGKILL once DeepSpeed has written its files into ``.partial-step_N`` (rank state not yet)."""
 
     def install() -> None:
-        from edlm_dist.training import checkpoint
+        from edlm_dist.artifacts import checkpoint
 
         original = checkpoint.rng_state
 
@@ -190,9 +190,9 @@ def poison_energy(value: float, call: int) -> Inject:
     """The sampler's energy function returns ``value`` for one candidate on its ``call``-th call."""
 
     def install() -> None:
-        from edlm_dist.sampling import cli as sample_cli
+        from edlm_dist.sampling import run as sample_run
 
-        original = sample_cli.build_energy
+        original = sample_run.build_energy
 
         def patched(*args, **kwargs):
             energy_fn, calls = original(*args, **kwargs), {"n": 0}
@@ -206,7 +206,7 @@ def poison_energy(value: float, call: int) -> Inject:
 
             return poisoned
 
-        sample_cli.build_energy = patched
+        sample_run.build_energy = patched
 
     return install
 
@@ -252,7 +252,7 @@ def sigkill_mid_step(ws: Workspace) -> Observation:
 
 def sigkill_during_checkpoint_write(ws: Workspace) -> Observation:
     def check(results: list[ChildResult], out: Path) -> tuple[bool, str]:
-        from edlm_dist.training.checkpoint import latest_checkpoint, read_meta
+        from edlm_dist.artifacts.checkpoint import latest_checkpoint, read_meta
 
         partial = out / "checkpoints" / f".partial-{tag(6)}"
         written = sorted(p.name for p in partial.rglob("*") if p.is_file()) if partial.is_dir() else []
@@ -280,7 +280,7 @@ def sigkill_before_latest_update(ws: Workspace) -> Observation:
 def preemption(signum: int, step: int) -> Callable[[Workspace], Observation]:
     def run(ws: Workspace) -> Observation:
         def check(results: list[ChildResult], out: Path) -> tuple[bool, str]:
-            from edlm_dist.training.trainer import REQUEUE_EXIT_CODE
+            from edlm_dist.errors import REQUEUE_EXIT_CODE
 
             r, found = results[0], latest_tag(out)
             said = f"preempted by signal {signal.Signals(signum).name} at step {step}" in r.stdout
@@ -404,7 +404,7 @@ FAULTS = [
 
 
 def all_scenarios() -> list[Scenario]:
-    from edlm_dist.testing.bad_inputs import BAD_INPUTS
+    from tests.reliability.bad_inputs import BAD_INPUTS
 
     return FAULTS + BAD_INPUTS
 

@@ -17,7 +17,7 @@ import pytest
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.errors import ConfigError
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))

@@ -12,7 +12,9 @@ import math
 import os
 from typing import Any, Callable, Iterable
 
+import deepspeed
 import torch
+from megatron.core import parallel_state
 
 from edlm_dist.config.schema import RunConfig, TrainConfig
 from edlm_dist.errors import ConfigError
@@ -22,23 +24,15 @@ class MegatronMPU:
     """Megatron's parallel_state with the model-parallel aliases DeepSpeed expects."""
 
     def __getattr__(self, name: str) -> Any:
-        from megatron.core import parallel_state
-
         return getattr(parallel_state, name)
 
     def get_model_parallel_world_size(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_tensor_model_parallel_world_size()
 
     def get_model_parallel_rank(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_tensor_model_parallel_rank()
 
     def get_model_parallel_group(self):
-        from megatron.core import parallel_state
-
         return parallel_state.get_tensor_model_parallel_group()
 
 
@@ -97,8 +91,6 @@ def deepspeed_config(cfg: RunConfig, dp_size: int) -> dict:
 def build_engine(model: torch.nn.Module, cfg: RunConfig, dp_size: int, params=None):
     """Return ``(engine, optimizer, scheduler)`` from ``deepspeed.initialize``."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    import deepspeed
-
     if resolve_precision(cfg.train.precision) == "fp16":
         raise ConfigError("fp16 is not supported; use train.precision=bf16 or fp32")
     optimizer = build_optimizer(params if params is not None else model.parameters(), cfg.train, cfg.model.use_apex)

@@ -2,13 +2,14 @@
 
 ``OUT/weights/`` holds ``model.safetensors`` (raw weights), ``ema.safetensors`` (EMA weights,
 when EMA is on) and ``meta.json`` (model kind and signature, config, tokenizer description,
-step). Tensors are full (TP-gathered, vocabulary padding trimmed), so a model trained at TP=8
-loads at TP=1 and back. Written into a temporary folder and renamed, so it is never half-written.
+step, data folder). Tensors are full (TP-gathered, vocabulary padding trimmed), so a model trained
+at TP=8 loads at TP=1 and back. Written into a temporary folder and renamed, so it is never
+half-written. The readers also rebuild what a model needs from its meta: the tokenizer
+(:func:`tokenizer_for`) and, for synthetic data, the exact language (:func:`synthetic_language_for`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,35 +21,17 @@ from safetensors.torch import load_file, save_file
 
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
+from edlm_dist.data.shards import TOKENIZER_DIR, has_manifest, load_manifest, saved_tokenizer
+from edlm_dist.data.synthetic import SyntheticLanguage, language_from_manifest
+from edlm_dist.data.tokenizers import Tokenizer, tokenizer_from_description
 from edlm_dist.errors import CheckpointError
+from edlm_dist.models.build import build_model
+from edlm_dist.parallel.sharded_state import full_tensors, load_full_state_dict
 
 WEIGHTS_DIR = "weights"
+META_FILE = "meta.json"
+MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
 FORMAT_VERSION = 1
-
-
-def gathered_parameters(module: torch.nn.Module, modifier_rank=None):
-    """Full parameters inside the context under ZeRO-3 (a no-op otherwise).
-
-    With ``modifier_rank`` set, that rank's in-place changes are kept when the context exits.
-    """
-    params = list(module.parameters())
-    if any(hasattr(p, "ds_id") for p in params):  # ZeRO-3 partitions parameters
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-    return contextlib.nullcontext()
-
-
-def full_tensors(module: torch.nn.Module, local: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """Full tensors of ``module``'s parameters, or of ``local`` (same order, e.g. an EMA shadow)."""
-    from edlm_dist.models.layers import gather_full_tensor
-
-    out = {}
-    with gathered_parameters(module):
-        for i, (name, param) in enumerate(module.named_parameters()):
-            value = param.detach() if local is None else local[i]
-            out[name] = gather_full_tensor(param, value.to(param.dtype), None).float().cpu().contiguous()
-    return out
 
 
 def export_weights(module: torch.nn.Module, out_dir: str | os.PathLike, *, ema_shadow: Optional[list] = None,
@@ -68,10 +51,10 @@ def write_weights_folder(target: Path, raw: dict, ema: Optional[dict], meta: dic
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
-        save_file(raw, str(tmp / "model.safetensors"))
+        save_file(raw, str(tmp / MODEL_FILE))
         if ema is not None:
-            save_file(ema, str(tmp / "ema.safetensors"))
-        (tmp / "meta.json").write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
+            save_file(ema, str(tmp / EMA_FILE))
+        (tmp / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -84,32 +67,42 @@ def write_weights_folder(target: Path, raw: dict, ema: Optional[dict], meta: dic
 def resolve_weights_dir(path: str | os.PathLike) -> Path:
     """Accept a run directory (``OUT``) or its ``OUT/weights`` folder."""
     path = Path(path)
-    if (path / WEIGHTS_DIR / "meta.json").is_file():
+    if (path / WEIGHTS_DIR / META_FILE).is_file():
         return path / WEIGHTS_DIR
-    if (path / "meta.json").is_file() and (path / "model.safetensors").is_file():
+    if (path / META_FILE).is_file() and (path / MODEL_FILE).is_file():
         return path
-    raise CheckpointError(f"no trained weights at '{path}' (expected {path}/{WEIGHTS_DIR}/meta.json); "
+    raise CheckpointError(f"no trained weights at '{path}' (expected {path}/{WEIGHTS_DIR}/{META_FILE}); "
                           "pass the --out folder of a finished `edlm train` run")
 
 
 def read_weights_meta(path: str | os.PathLike) -> tuple[Path, dict]:
     folder = resolve_weights_dir(path)
     try:
-        meta = json.loads((folder / "meta.json").read_text())
+        meta = json.loads((folder / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder}/meta.json is unreadable ({exc}); re-export the weights") from None
+        raise CheckpointError(f"{folder}/{META_FILE} is unreadable ({exc}); re-export the weights") from None
     if int(meta.get("format_version", -1)) > FORMAT_VERSION:
         raise CheckpointError(f"weights at {folder} have format {meta['format_version']}, newer than this "
                               f"edlm-dist supports ({FORMAT_VERSION}); upgrade edlm-dist")
     return folder, meta
 
 
+def weights_file(folder: Path, use_ema: bool) -> str:
+    """The file to load from a weights folder: the EMA weights when asked for and present, else the raw ones."""
+    return EMA_FILE if use_ema and (folder / EMA_FILE).is_file() else MODEL_FILE
+
+
+def trained_step(path: str | os.PathLike) -> Optional[int]:
+    """The step of the finished weights under a run folder, or None when it holds none."""
+    try:
+        return read_weights_meta(path)[1].get("step")
+    except CheckpointError:
+        return None
+
+
 def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, expect_kind: Optional[str] = None,
                        device: Optional[torch.device] = None) -> tuple[torch.nn.Module, dict, RunConfig]:
     """Build the model recorded in ``meta.json`` for the current TP group and load its weights."""
-    from edlm_dist.models.build import build_model
-    from edlm_dist.models.layers import load_full_state_dict
-
     folder, meta = read_weights_meta(path)
     kind = meta["kind"]
     if expect_kind is not None and kind != expect_kind:
@@ -117,7 +110,7 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, expect_
                               "pass the run folder of the right `edlm train` objective")
     cfg = config_from_dict(meta["config"])
     model = build_model(kind, cfg.model, meta["vocab_size"], meta["seq_len"], device=device)
-    name = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
+    name = weights_file(folder, use_ema)
     try:
         state = load_file(str(folder / name))
         load_full_state_dict(model, state)
@@ -133,3 +126,28 @@ def weights_meta(cfg: RunConfig, *, kind: str, vocab_size: int, step: int, token
     return {"kind": kind, "vocab_size": vocab_size, "seq_len": cfg.data.seq_len, "step": step,
             "mask_id": tokenizer.get("mask_id"), "tokenizer": tokenizer, "config": config_to_dict(cfg),
             **(extra or {})}
+
+
+def tokenizer_for(meta: dict) -> Tokenizer:
+    """The tokenizer of the data a model was trained on: the prepared data folder's saved copy, else
+    rebuilt from the description in ``meta`` (DataError when neither works)."""
+    data_dir = meta.get("data_dir")
+    if data_dir and (Path(data_dir) / TOKENIZER_DIR).is_dir():
+        return saved_tokenizer(data_dir)
+    return tokenizer_from_description(meta.get("tokenizer") or {})
+
+
+def synthetic_language_for(meta: dict) -> Optional[SyntheticLanguage]:
+    """The exact synthetic language a model was trained on, or None for other data.
+
+    Read from the manifest of the weights' data folder (the language that generated the rows); falls back
+    to the run's ``data.synthetic`` config when the data folder is gone.
+    """
+    data_cfg = (meta.get("config") or {}).get("data") or {}
+    data_dir = meta.get("data_dir") or data_cfg.get("dir")
+    if data_dir and has_manifest(data_dir):
+        return language_from_manifest(load_manifest(data_dir))
+    if data_cfg.get("source") != "synthetic":
+        return None
+    recorded = {"source": {"name": "synthetic", "config": data_cfg.get("synthetic") or {}}, "seq_len": meta["seq_len"]}
+    return language_from_manifest(recorded)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig, SyntheticConfig
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))

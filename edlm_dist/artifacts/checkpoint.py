@@ -9,8 +9,9 @@ Layout under ``OUT/checkpoints``::
     latest             the tag of the newest complete checkpoint (replaced atomically)
 
 Each save writes into ``.partial-step_...`` and is renamed only after every rank has finished,
-so a kill at any moment leaves ``latest`` pointing at a complete checkpoint. Consolidated
-weights for sampling/eval/export live in ``OUT/weights`` (safetensors, full TP-gathered tensors).
+so a kill at any moment leaves ``latest`` pointing at a complete checkpoint. The consolidated
+weights that sampling, eval and export read are a different format (:mod:`edlm_dist.artifacts.weights`);
+:mod:`edlm_dist.artifacts.zero_to_fp32` turns a checkpoint into one.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
+from edlm_dist.artifacts.files import write_text_atomic
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
-WEIGHTS_DIR = "weights"
 LATEST = "latest"
+META_FILE = "meta.json"
 
 
 def model_signature(cfg: RunConfig, kind: str, vocab_size: int) -> dict[str, Any]:
@@ -47,8 +50,6 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     try:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
         state["megatron"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}
     except Exception:  # tracker not initialised: nothing TP-specific to restore
         pass
@@ -62,8 +63,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     if "megatron" in state:
-        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
         get_cuda_rng_tracker().set_states(dict(state["megatron"]))
 
 
@@ -81,12 +80,6 @@ def _all_ok(ok: bool) -> bool:
     return flag.item() == 0
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
     root = Path(out_dir) / CHECKPOINT_DIR
     pointer = root / LATEST
@@ -94,17 +87,17 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
         return None
     tag = pointer.read_text().strip()
     path = root / tag
-    if not (path / "meta.json").is_file():
-        raise CheckpointError(f"{pointer} names '{tag}' but {path}/meta.json is missing; "
+    if not (path / META_FILE).is_file():
+        raise CheckpointError(f"{pointer} names '{tag}' but {path}/{META_FILE} is missing; "
                               f"restore the folder or delete {pointer} to start over")
     return path
 
 
 def read_meta(path: Path) -> dict:
     try:
-        return json.loads((path / "meta.json").read_text())
+        return json.loads((path / META_FILE).read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint metadata {path}/meta.json is unreadable ({exc}); "
+        raise CheckpointError(f"checkpoint metadata {path}/{META_FILE} is unreadable ({exc}); "
                               "use an earlier checkpoint or a fresh --out") from None
 
 
@@ -146,14 +139,14 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
         error = exc
     final = root / tag
     if _all_ok(error is None) and rank == 0:
-        try:  # the last writes can fail too (disk full at meta.json): same clear error, same cleanup
+        try:  # the last writes can fail too (disk full at META_FILE): same clear error, same cleanup
             meta = {"format_version": FORMAT_VERSION, "step": step, "signature": signature,
                     "config": config_to_dict(cfg), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-            (partial / "meta.json").write_text(json.dumps(meta, indent=1))
+            (partial / META_FILE).write_text(json.dumps(meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _write_atomic(root / LATEST, tag)
+            write_text_atomic(root / LATEST, tag)
         except OSError as exc:
             error = exc
     if not _all_ok(error is None):  # every rank raises together
@@ -171,7 +164,7 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    complete = sorted(p for p in root.glob("step_*") if (p / "meta.json").is_file())
+    complete = sorted(p for p in root.glob("step_*") if (p / META_FILE).is_file())
     for old in complete[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     for partial in root.glob(".partial-*"):

@@ -12,7 +12,7 @@ the same ``weights`` folder training writes (``model.safetensors``, ``ema.safete
   (it cannot tell TP ranks apart). Stage 0 in fp32 keeps the whole fp32 module in
   ``mp_rank_XX_model_states.pt`` and is read from there.
 * TP shards: joined with the partition dim/stride Megatron records on each parameter of a dense
-  (TP=1) model of the same shape, as :func:`edlm_dist.models.layers.gather_full_tensor` does, and
+  (TP=1) model of the same shape, as :func:`edlm_dist.parallel.sharded_state.gather_full_tensor` does, and
   the vocabulary padding is trimmed.
 """
 
@@ -26,12 +26,16 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from edlm_dist.artifacts import checkpoint as ckpt
+from edlm_dist.artifacts.weights import weights_meta, write_weights_folder
 from edlm_dist.config.load import config_from_dict
 from edlm_dist.config.schema import RunConfig
+from edlm_dist.data.shards import load_manifest
 from edlm_dist.errors import CheckpointError
-from edlm_dist.training import checkpoint as ckpt
-from edlm_dist.training.weights import weights_meta, write_weights_folder
+from edlm_dist.models.build import build_model
+from edlm_dist.parallel.sharded_state import VOCAB_ROWS_ATTR, is_tp_sharded
 
 CHECKPOINT_MARKER = "signature"  # key of a checkpoint's meta.json (weights' meta.json has "kind" instead)
 
@@ -39,7 +43,7 @@ CHECKPOINT_MARKER = "signature"  # key of a checkpoint's meta.json (weights' met
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
     """Accept a checkpoint folder (``OUT/checkpoints/step_X``), ``OUT/checkpoints`` or a run folder ``OUT``."""
     path = Path(path)
-    if (path / "meta.json").is_file() and CHECKPOINT_MARKER in ckpt.read_meta(path):
+    if (path / ckpt.META_FILE).is_file() and CHECKPOINT_MARKER in ckpt.read_meta(path):
         return path
     for root in (path, path.parent):
         latest = ckpt.latest_checkpoint(root)
@@ -70,8 +74,6 @@ def _tp_rank_fp32_state(step_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]
             raise CheckpointError(f"{model_file} is missing; the checkpoint is incomplete, use an earlier one")
         state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
         return {k: v.float() for k, v in state.items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     # DeepSpeed globs every *_optim_states.pt of the folder; show it one TP rank's files only.
     with tempfile.TemporaryDirectory(prefix="edlm-zero-") as tmp:
         view = Path(tmp) / tag
@@ -89,8 +91,6 @@ def _tp_rank_fp32_state(step_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]
 
 def _join_tp_shards(shards: list[torch.Tensor], reference: torch.nn.Parameter) -> torch.Tensor:
     """Megatron's strided split undone (shard r holds chunks r, r+tp, ...), vocabulary padding trimmed."""
-    from edlm_dist.models.layers import VOCAB_ROWS_ATTR, is_tp_sharded
-
     if len(shards) == 1 or not is_tp_sharded(reference):  # TP=1 has no padding; replicated params are equal
         return shards[0].contiguous()
     dim, stride = reference.partition_dim, reference.partition_stride
@@ -102,8 +102,6 @@ def _join_tp_shards(shards: list[torch.Tensor], reference: torch.nn.Parameter) -
 
 def _reference_model(cfg: RunConfig, signature: dict, *, with_attributes: bool) -> torch.nn.Module:
     """A dense model of the checkpoint's shape: parameter names, order and (if built for real) TP attributes."""
-    from edlm_dist.models.build import build_model
-
     return build_model(signature["kind"], cfg.model, int(signature["vocab_size"]), int(signature["seq_len"]),
                        meta=not with_attributes)
 
@@ -139,8 +137,6 @@ def consolidate_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
 
 
 def _tokenizer_info(cfg: RunConfig) -> dict:
-    from edlm_dist.data.shards import load_manifest
-
     try:
         return load_manifest(cfg.data.dir)["tokenizer"]
     except Exception as exc:  # DataError/ConfigError: the data folder moved or is gone

@@ -15,7 +15,7 @@
   :class:`EdlmEnergyModel` (``edlm_energy``): thin ``PreTrainedModel`` wrappers around the edlm
   modules themselves (dense, single device), so their outputs are the training code's outputs.
 
-Usage: ``import edlm_dist.launch.hf_models`` once, then ``AutoModelForCausalLM.from_pretrained(dir)``
+Usage: ``import edlm_dist.artifacts.hf_models`` once, then ``AutoModelForCausalLM.from_pretrained(dir)``
 (AR) or ``AutoModel.from_pretrained(dir)`` (DiT / energy).
 """
 
@@ -40,7 +40,9 @@ from transformers import (
 from transformers.modeling_outputs import MaskedLMOutput, ModelOutput
 
 from edlm_dist.config.schema import ModelConfig
-from edlm_dist.objectives.subs import NEG_INF
+from edlm_dist.models.build import build_model
+from edlm_dist.objectives.subs import NEG_INF, subs_log_probs
+
 
 AR_MODEL_TYPE, DIT_MODEL_TYPE, ENERGY_MODEL_TYPE = "edlm_ar", "edlm_dit", "edlm_energy"
 HF_CLASS_FOR_KIND = {"ar": "EdlmARForCausalLM", "dit": "EdlmDiffusionModel", "energy": "EdlmEnergyModel"}
@@ -163,8 +165,6 @@ class _EdlmWrapper(PreTrainedModel):
 
     def __init__(self, config: _EdlmWrappedConfig):
         super().__init__(config)
-        from edlm_dist.models.build import build_model
-
         self.model = build_model(self._edlm_kind, config.edlm_model_config(), config.vocab_size, config.seq_len)
         self.post_init()
 
@@ -186,8 +186,6 @@ class EdlmDiffusionModel(_EdlmWrapper):
 
     @torch.no_grad()
     def log_probs(self, input_ids: torch.LongTensor, sigma: Optional[torch.Tensor] = None) -> torch.Tensor:
-        from edlm_dist.objectives.subs import subs_log_probs
-
         return subs_log_probs(self.model(input_ids, sigma, gather_logits=True), input_ids, self.config.mask_token_id)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from edlm_dist.config.load import load_config
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 TINY = ["model.hidden_size=32", "model.n_blocks=1", "model.cond_dim=16", "data.synthetic.train_rows=512",
         "data.synthetic.valid_rows=64", "train.global_batch=16", "train.micro_batch=16", "train.log_every=5",
@@ -15,7 +15,7 @@ TINY = ["model.hidden_size=32", "model.n_blocks=1", "model.cond_dim=16", "data.s
 
 
 def _run(out_dir):
-    from edlm_dist.launch.pipeline import run_pipeline
+    from edlm_dist.pipeline.run import run_pipeline
 
     return run_pipeline(load_config("configs/demo.yaml", TINY), out_dir)
 

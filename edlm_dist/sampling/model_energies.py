@@ -1,6 +1,8 @@
-"""Energy callables for EDLM importance sampling, built from loaded models (paper §4.2, spec §6.2, §6.3).
+"""Energies of trained models for EDLM importance sampling (paper §4.2, spec §6.2, §6.3).
 
-Every energy has the signature of :data:`edlm_dist.sampling.engine.EnergyFn`:
+The math they evaluate is in :mod:`edlm_dist.sampling.energies`; their block-wise views against a
+committed prefix are in :mod:`edlm_dist.sampling.prefix_energies`. Every energy is an
+:data:`edlm_dist.sampling.energies.EnergyFn`:
 ``(x0 (N, L), x_t (N, L), log_mu_tokens (N, L), t (N,)) -> (N,) float64``, where
 ``log_mu_tokens[n, i] = log mu_theta(x0[n, i] | x_t[n])`` comes from the SAME diffusion output that
 proposed x0 (0 at carried-over positions). Low energy = preferred (weights ∝ exp(-E / tau)).
@@ -14,25 +16,19 @@ proposed x0 (0 at carried-over positions). Low energy = preferred (weights ∝ e
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import torch
 
-from edlm_dist.errors import ConfigError, DataError
+from edlm_dist.errors import ConfigError
 from edlm_dist.objectives.schedule import LogLinearSchedule
+from edlm_dist.sampling.chunking import row_chunks, rows_per_forward
 from edlm_dist.sampling.energies import ar_energy, oracle_energy
-from edlm_dist.sampling.engine import rows_per_forward
 from edlm_dist.sampling.prefix_energies import ARPrefixSession, OraclePrefixSession
+
 
 ENERGIES = ("ar", "coar", "nce", "oracle")
 MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB in float32)
-
-
-def _chunks(n: int, rows_per_chunk: int):
-    for start in range(0, n, rows_per_chunk):
-        yield slice(start, min(n, start + rows_per_chunk))
 
 
 class AREnergy:
@@ -59,7 +55,7 @@ class AREnergy:
         memory_limit = MAX_CHUNK_ELEMENTS // max(1, length * vocab)
         rows = self.max_chunk_rows or rows_per_forward(x0.device, length, memory_limit)
         out = torch.zeros((n, length), dtype=torch.float32, device=x0.device)
-        for part in _chunks(n, rows):
+        for part in row_chunks(n, rows):
             log_probs = self.model.log_probs(x0[part], self.mask_id)  # (n, L, V): position i predicts i + 1
             out[part, 1:] = log_probs[:, :-1].gather(-1, x0[part, 1:, None]).squeeze(-1)
         return out
@@ -95,13 +91,13 @@ class NCEEnergy:
         self.model = energy_model.eval()
         self.schedule = schedule or LogLinearSchedule()
         self.time_conditioning = bool(getattr(energy_model, "time_conditioning", False))
-        self.max_chunk_rows = max_chunk_rows  # None: 256 rows, fewer on CPU (engine.CPU_CHUNK_TOKENS)
+        self.max_chunk_rows = max_chunk_rows  # None: 256 rows, fewer on CPU (chunking.CPU_CHUNK_TOKENS)
 
     @torch.no_grad()
     def __call__(self, x0, x_t, log_mu_tokens, t):
         out = torch.empty(x0.shape[0], dtype=torch.float64, device=x0.device)
         rows = self.max_chunk_rows or rows_per_forward(x0.device, x0.shape[1], 256)
-        for part in _chunks(x0.shape[0], rows):
+        for part in row_chunks(x0.shape[0], rows):
             sigma = self.schedule.total_noise(t[part].float()) if self.time_conditioning else None
             out[part] = self.model(x_t[part], x0[part], sigma).to(torch.float64)
         return out
@@ -144,37 +140,3 @@ def build_energy(kind: str, *, mask_id: int, ar_model: Optional[torch.nn.Module]
                               "diffusion model was trained on data.source=synthetic")
         return OracleEnergy(language)
     raise ConfigError(f"energy '{kind}' is unknown; use one of {list(ENERGIES)}")
-
-
-def synthetic_language_for(meta: dict):
-    """The exact synthetic language a model was trained on, or None for other data.
-
-    Read from the data manifest recorded in the weights' ``data_dir`` (the language that generated
-    the rows); falls back to the run's ``data.synthetic`` config when the data folder is gone. A
-    manifest whose tables hash differs from the rebuilt language is a DataError.
-    """
-    from edlm_dist.config.schema import SyntheticConfig
-    from edlm_dist.data.synthetic import SyntheticLanguage
-
-    data_cfg = (meta.get("config") or {}).get("data") or {}
-    manifest = None
-    data_dir = meta.get("data_dir") or data_cfg.get("dir")
-    if data_dir and (Path(data_dir) / "manifest.json").is_file():
-        try:
-            manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
-        except (OSError, ValueError):
-            manifest = None
-    source = (manifest or {}).get("source") or {}
-    if manifest is not None and source.get("name") != "synthetic":
-        return None
-    if manifest is None and data_cfg.get("source") != "synthetic":
-        return None
-    fields = source.get("config") or data_cfg.get("synthetic") or {}
-    known = SyntheticConfig.__dataclass_fields__
-    language = SyntheticLanguage(SyntheticConfig(**{k: v for k, v in fields.items() if k in known}),
-                                 int(meta["seq_len"]))
-    expected = (source.get("language") or {}).get("tables_sha256")
-    if expected and language.describe()["tables_sha256"] != expected:
-        raise DataError(f"the synthetic language rebuilt from {data_dir}/manifest.json does not match its recorded "
-                        "tables hash; re-run `edlm prepare-data --source synthetic` with this edlm-dist version")
-    return language

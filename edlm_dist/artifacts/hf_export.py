@@ -2,11 +2,11 @@
 
 ``CKPT`` is a run folder (``OUT``: its ``OUT/weights``, else its latest checkpoint), a weights
 folder, or a DeepSpeed checkpoint folder (``OUT/checkpoints/step_X``, consolidated on the fly by
-:mod:`edlm_dist.launch.zero_to_fp32`). ``DIR`` receives
+:mod:`edlm_dist.artifacts.zero_to_fp32`). ``DIR`` receives
 
-* ``model.safetensors`` + ``config.json``: :mod:`edlm_dist.launch.hf_models` classes. The AR model
+* ``model.safetensors`` + ``config.json``: :mod:`edlm_dist.artifacts.hf_models` classes. The AR model
   is a GPT-NeoX causal LM (``AutoModelForCausalLM``), the diffusion and energy models load with
-  ``AutoModel`` — after ``import edlm_dist.launch.hf_models``, which registers the model types;
+  ``AutoModel`` — after ``import edlm_dist.artifacts.hf_models``, which registers the model types;
 * tokenizer files that ``AutoTokenizer.from_pretrained(DIR)`` reads: GPT-2 -> ``GPT2TokenizerFast``
   (exactly GPT-2's; the mask id 50257 is only in ``config.json`` as ``mask_token_id``);
   synthetic / text8 -> a ``tokenizers`` WordLevel model in a ``PreTrainedTokenizerFast`` (same ids,
@@ -16,7 +16,6 @@ folder, or a DeepSpeed checkpoint folder (``OUT/checkpoints/step_X``, consolidat
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,9 +24,18 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import models as token_models
+from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
+from edlm_dist.artifacts import hf_models
+from edlm_dist.artifacts.weights import read_weights_meta, tokenizer_for, weights_file
+from edlm_dist.artifacts.zero_to_fp32 import checkpoint_to_weights
 from edlm_dist.config.load import config_from_dict
 from edlm_dist.config.schema import RunConfig
+from edlm_dist.data.learned_tokenizers import SPECIALS, LearnedTokenizer
+from edlm_dist.data.tokenizers import TEXT8_SPECIALS
 from edlm_dist.errors import CheckpointError, DataError
 
 META_FILE = "edlm_meta.json"
@@ -37,15 +45,12 @@ META_FILE = "edlm_meta.json"
 def load_export_source(path: str | os.PathLike, *, use_ema: bool,
                        scratch: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict, RunConfig, str]:
     """``(full edlm state dict, weights meta, config, which file)`` from a run, weights or checkpoint folder."""
-    from edlm_dist.launch.zero_to_fp32 import checkpoint_to_weights
-    from edlm_dist.training.weights import read_weights_meta
-
     try:
         folder, meta = read_weights_meta(path)
     except CheckpointError:
         folder = checkpoint_to_weights(path, Path(scratch) / "weights")  # raises if it is no checkpoint either
         folder, meta = read_weights_meta(folder)
-    name = "ema.safetensors" if use_ema and (folder / "ema.safetensors").is_file() else "model.safetensors"
+    name = weights_file(folder, use_ema)
     try:
         state = load_file(str(folder / name))
     except OSError as exc:
@@ -54,22 +59,10 @@ def load_export_source(path: str | os.PathLike, *, use_ema: bool,
 
 
 # ----------------------------------------------------------------------------- tokenizer
-def edlm_tokenizer_for(meta: dict):
-    """The run's tokenizer: the prepared data folder's saved copy, else rebuilt from its description."""
-    from edlm_dist.data.tokenizers import build_tokenizer, tokenizer_from_description
-
-    saved = Path(str(meta.get("data_dir", ""))) / "tokenizer"
-    if meta.get("data_dir") and saved.is_dir():
-        return build_tokenizer(str(saved))
-    return tokenizer_from_description(meta.get("tokenizer") or {})
-
-
 def _word_level(tok, specials: list[str], *, char_level: bool, unk: str | None):
     """A ``tokenizers`` WordLevel model whose ids are edlm's: token i is ``tok.decode([i])``."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     vocab = {tok.decode([i]): i for i in range(tok.vocab_size)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=unk))
+    backend = BackendTokenizer(token_models.WordLevel(vocab, unk_token=unk))
     if char_level:  # text8: lower-case, one token per character (newlines too, as [UNK]), decode by joining
         backend.normalizer = normalizers.Lowercase()
         backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
@@ -82,15 +75,8 @@ def _word_level(tok, specials: list[str], *, char_level: bool, unk: str | None):
 
 def hf_tokenizer(tok, *, model_max_length: int):
     """A ``transformers`` fast tokenizer with the same ids as the edlm tokenizer ``tok``."""
-    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
-
-    from edlm_dist.data.learned_tokenizers import SPECIALS, LearnedTokenizer
-    from edlm_dist.data.tokenizers import TEXT8_SPECIALS
-
     if isinstance(tok, LearnedTokenizer):  # char / byte: the backend itself, specials appended at ids n, n+1, n+2
-        from tokenizers import AddedToken, Tokenizer
-
-        backend = Tokenizer.from_str(tok.backend.to_str())
+        backend = BackendTokenizer.from_str(tok.backend.to_str())
         backend.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
         named = {"bos_token": SPECIALS[0], "eos_token": SPECIALS[1], "mask_token": SPECIALS[2]}
         if tok.unk_id is not None:
@@ -123,8 +109,6 @@ def hf_tokenizer(tok, *, model_max_length: int):
 
 # ----------------------------------------------------------------------------- export
 def _hf_state_and_config(kind: str, state: dict[str, torch.Tensor], meta: dict, cfg: RunConfig, tok):
-    from edlm_dist.launch import hf_models
-
     shape = dict(vocab_size=int(meta["vocab_size"]), seq_len=int(meta["seq_len"]), mask_id=int(meta["mask_id"]),
                  bos_id=tok.bos_id, eos_id=tok.eos_id)
     if kind == "ar":
@@ -150,7 +134,7 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool 
     tmp.mkdir(parents=True)
     try:
         state, meta, cfg, source = load_export_source(path, use_ema=use_ema, scratch=tmp / ".scratch")
-        tok = edlm_tokenizer_for(meta)
+        tok = tokenizer_for(meta)
         hf_state, hf_config = _hf_state_and_config(meta["kind"], state, meta, cfg, tok)
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_config.save_pretrained(str(tmp))
@@ -166,10 +150,6 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool 
     return out
 
 
-def cli_main(args: argparse.Namespace) -> int:
-    out = export_hf(args.checkpoint, args.out, use_ema=args.use_ema)
-    meta = json.loads((out / META_FILE).read_text())
-    loader = "AutoModelForCausalLM" if meta["kind"] == "ar" else "AutoModel"
-    print(f"exported {meta['kind']} model (step {meta.get('step')}, {meta['exported_weights']}) to {out}; load it with "
-          f"`import edlm_dist.launch.hf_models` then `{loader}.from_pretrained('{out}')`")
-    return 0
+def read_export_meta(out: str | os.PathLike) -> dict:
+    """The ``edlm_meta.json`` of an export folder: the weights' meta plus which file was exported."""
+    return json.loads((Path(out) / META_FILE).read_text())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig, SyntheticConfig
 from edlm_dist.errors import CheckpointError
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from tolerances import approx_across, assert_close_across, network_reduction_size
 
 pytestmark = pytest.mark.multirank
@@ -56,7 +56,7 @@ def runs(tmp_path_factory):
 
 
 def _edlm_model(run, use_ema=True):
-    from edlm_dist.training.weights import load_trained_model
+    from edlm_dist.artifacts.weights import load_trained_model
 
     model, meta, _ = load_trained_model(run, use_ema=use_ema)
     return model, meta
@@ -70,10 +70,10 @@ def _inputs(meta, seed=0):
 
 
 def test_diffusion_export_round_trips_logits(runs, tmp_path):
-    import edlm_dist.launch.hf_models  # noqa: F401  (registers the model types)
+    import edlm_dist.artifacts.hf_models  # noqa: F401  (registers the model types)
     from transformers import AutoConfig, AutoModel
 
-    from edlm_dist.launch.export import export_hf
+    from edlm_dist.artifacts.hf_export import export_hf
 
     model, meta = _edlm_model(runs["mdlm"])
     raw_model, _ = _edlm_model(runs["mdlm"], use_ema=False)
@@ -109,10 +109,10 @@ def _perturbed_weights(run, dest, seed=0):
 
 
 def test_energy_export_round_trips_energies(runs, tmp_path):
-    import edlm_dist.launch.hf_models  # noqa: F401
+    import edlm_dist.artifacts.hf_models  # noqa: F401
     from transformers import AutoModel
 
-    from edlm_dist.launch.export import export_hf
+    from edlm_dist.artifacts.hf_export import export_hf
 
     # The NCE run's own weights give E = 0 for every input at this size (zero-initialised head), which
     # would make the comparison vacuous: export a perturbed copy of its weights folder as well.
@@ -128,12 +128,12 @@ def test_energy_export_round_trips_energies(runs, tmp_path):
 
 
 def test_ar_export_is_a_causal_lm_and_gen_ppl_oracle(runs, tmp_path):
-    import edlm_dist.launch.hf_models  # noqa: F401
+    import edlm_dist.artifacts.hf_models  # noqa: F401
     from transformers import AutoModelForCausalLM
 
     from edlm_dist.data.tokenizers import build_tokenizer
     from edlm_dist.evaluation.genppl import GenPPLAccumulator, HFCausalLMOracle, genppl_token_weights
-    from edlm_dist.launch.export import export_hf
+    from edlm_dist.artifacts.hf_export import export_hf
     from edlm_dist.objectives.subs import suppress_mask_logit
 
     model, meta = _edlm_model(runs["ar"])
@@ -175,7 +175,7 @@ def test_exported_tokenizer_matches_edlm_tokenizer(runs, tmp_path, spec):
 
     from edlm_dist.data.learned_tokenizers import learn_tokenizer
     from edlm_dist.data.tokenizers import build_tokenizer, gpt2_files_from_package
-    from edlm_dist.launch.export import hf_tokenizer
+    from edlm_dist.artifacts.hf_export import hf_tokenizer
 
     text = "Hello World\n\nthe [MASK] quick  brown [EOS]fox Ünïcode <|endoftext|> x"
     if spec == "synthetic":
@@ -205,8 +205,8 @@ def _consolidation_run(root, data, *, zero_stage: int, tp: int):
 @pytest.mark.parametrize("zero_stage,tp", [(2, 1), (1, 2)])
 def test_sharded_checkpoint_consolidates_to_the_exported_weights(runs, tmp_path, zero_stage, tp):
     from edlm_dist.cli import main as edlm_main
-    from edlm_dist.launch.zero_to_fp32 import checkpoint_to_weights
-    from edlm_dist.training.weights import load_trained_model
+    from edlm_dist.artifacts.zero_to_fp32 import checkpoint_to_weights
+    from edlm_dist.artifacts.weights import load_trained_model
 
     out = _consolidation_run(tmp_path, runs["data"], zero_stage=zero_stage, tp=tp)
     step_dir = out / "checkpoints" / f"step_{STEPS:08d}"
@@ -227,7 +227,7 @@ def test_sharded_checkpoint_consolidates_to_the_exported_weights(runs, tmp_path,
 
     # `edlm export-hf` accepts the checkpoint folder itself and consolidates on the fly.
     assert edlm_main(["export-hf", str(step_dir), "--out", str(tmp_path / "hf")]) == 0
-    import edlm_dist.launch.hf_models  # noqa: F401
+    import edlm_dist.artifacts.hf_models  # noqa: F401
     from transformers import AutoModel
 
     hf = AutoModel.from_pretrained(tmp_path / "hf").eval()
@@ -239,7 +239,7 @@ def test_sharded_checkpoint_consolidates_to_the_exported_weights(runs, tmp_path,
 
 def test_export_errors_name_the_problem(runs, tmp_path, capsys):
     from edlm_dist.cli import main as edlm_main
-    from edlm_dist.launch.export import export_hf
+    from edlm_dist.artifacts.hf_export import export_hf
 
     with pytest.raises(CheckpointError, match="no DeepSpeed checkpoint"):
         export_hf(tmp_path, tmp_path / "out")

@@ -1,1 +1,0 @@
-"""Launch helpers: Hugging Face export, ZeRO checkpoint consolidation."""

@@ -1,0 +1,22 @@
+"""``edlm pipeline CONFIG [key=value ...] --out DIR``: the whole EDLM story on one machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from edlm_dist.config.load import load_config
+from edlm_dist.parallel.runtime import shutdown_parallel
+from edlm_dist.pipeline.run import REPORT_FILE, run_pipeline
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    cfg = load_config(args.config, args.overrides)
+    try:
+        results = run_pipeline(cfg, args.out)
+    finally:
+        shutdown_parallel()
+    print((Path(args.out) / REPORT_FILE).read_text())
+    return 0 if results else 1

@@ -46,7 +46,7 @@ import torch
 
 import edlm_dist
 from edlm_dist.errors import EdlmError
-from edlm_dist.evaluation.genppl import exact_sequence_genppl
+from edlm_dist.evaluation.sample_metrics import ExactSyntheticOracle, score_samples
 from edlm_dist.pipeline.run import load_pipeline_models
 from edlm_dist.sampling.engine import SamplerSettings, sample_batch
 
@@ -88,8 +88,9 @@ def run_setting(denoiser, energy_fn, settings, meta, samples: int, batch: int) -
 
 
 def gen_ppl(language, tokens) -> float:
-    """Exact Gen PPL: exp(-sum log p_true(row) / (rows * scored tokens)) (token-weighted, spec §7.1)."""
-    return exact_sequence_genppl(language.log_prob(tokens), language.num_scored_tokens).value()
+    """Exact Gen PPL: exp(-sum log p_true(row) / (rows * scored tokens)) (token-weighted, spec §7.1), scored by
+    the evaluation API like `edlm eval` and the pipeline score sample files."""
+    return score_samples(tokens, ExactSyntheticOracle(language), entropy=False).summary()["gen_ppl"]
 
 
 def time_at(curve: list[tuple[int, float, float]], target: float) -> tuple[float, str]:

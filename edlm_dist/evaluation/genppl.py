@@ -148,9 +148,10 @@ class HFCausalLMOracle:
         self.batch_size = int(batch_size)
 
     @torch.no_grad()
-    def score(self, texts: list[str]) -> GenPPLAccumulator:
-        """Token-weighted NLL sums of `texts` under the oracle."""
-        acc = GenPPLAccumulator()
+    def score_texts(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Per text: (Σ w·nll, Σ w) over its scored tokens, float64 (N,) each (the per-sample values)."""
+        nll_sums = torch.zeros(len(texts), dtype=torch.float64)
+        weight_sums = torch.zeros(len(texts), dtype=torch.float64)
         eos_id = self.tokenizer.eos_token_id
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
@@ -159,11 +160,19 @@ class HFCausalLMOracle:
             )
             ids = batch["input_ids"].to(self.device)
             mask = batch["attention_mask"].to(self.device)
+            rows = slice(start, start + ids.shape[0])
             for lo in range(0, ids.shape[1], self.context):
                 chunk_ids, chunk_mask = ids[:, lo:lo + self.context], mask[:, lo:lo + self.context]
                 if chunk_ids.shape[1] < 2:
                     continue  # a 1-token chunk has no target
                 logits = self.model(input_ids=chunk_ids, attention_mask=chunk_mask).logits
                 nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), chunk_ids[:, 1:], reduction="none")
-                acc.add(nll, genppl_token_weights(chunk_ids, chunk_mask, eos_id))
-        return acc
+                weights = genppl_token_weights(chunk_ids, chunk_mask, eos_id).to(torch.float64)
+                nll_sums[rows] += (nll.to(torch.float64) * weights).sum(-1).cpu()
+                weight_sums[rows] += weights.sum(-1).cpu()
+        return nll_sums, weight_sums
+
+    def score(self, texts: list[str]) -> GenPPLAccumulator:
+        """Token-weighted NLL sums of `texts` under the oracle."""
+        nll, weights = self.score_texts(texts)
+        return GenPPLAccumulator(nll_sum=float(nll.sum()), weight_sum=float(weights.sum()))

@@ -18,6 +18,8 @@ from matplotlib.figure import Figure
 from edlm_dist.errors import DataError
 from edlm_dist.evaluation.likelihood import safe_exp
 
+METRICS_FILE, METRICS_REPORT, PIPELINE_REPORT = "metrics.json", "metrics.md", "results.md"
+
 
 def _cell(value, float_format: str) -> str:
     if value is None:
@@ -139,25 +141,34 @@ def _nll_row(label: str, estimate: str, nll: float) -> dict:
             "Bits/token": _fmt(nll / math.log(2), "{:.4f}")}
 
 
+def likelihood_table(lik: dict) -> str:
+    """The validation-likelihood table (one row per method and estimate) of a likelihood result."""
+    rows = []
+    for key, estimate, label in LIKELIHOOD_ROWS:
+        entry = lik["methods"].get(key)
+        if entry is None:
+            continue
+        entry = entry[estimate] if estimate else entry
+        rows.append(_nll_row(label, entry["estimate"], entry["nll"]))
+        if key == "edlm_coar" and "ar_prediction_nll" in entry:  # the exact relation, side by side
+            rows.append(_nll_row("EDLM-coAR predicted from AR", "(1−ε)(L−1)/L · AR + pθ's first token",
+                                 entry["ar_prediction_nll"] + entry["position0_nll"]))
+    return markdown_table(rows, ["Method", "Estimate", "NLL (nats/token)", "PPL", "Bits/token"])
+
+
+def likelihood_section(lik: dict) -> list[str]:
+    """Heading, provenance line, table and notes of a likelihood result."""
+    source = f" of `{lik['data_dir']}`" if lik.get("data_dir") else ""
+    return [f"## Validation likelihood\n\n{lik['rows']} rows × {lik['seq_len']} tokens{source}, "
+            f"n = {lik['settings']['n_negatives']} negatives, seed {lik['settings']['seed']}.\n",
+            likelihood_table(lik), "\n" + NOTES]
+
+
 def markdown_report(results: dict) -> str:
     parts = ["# edlm eval\n"]
     lik = results.get("likelihood")
     if lik:
-        parts.append(f"## Validation likelihood\n\n{lik['rows']} rows × {lik['seq_len']} tokens of "
-                     f"`{lik['data_dir']}`, n = {lik['settings']['n_negatives']} negatives, seed "
-                     f"{lik['settings']['seed']}.\n")
-        rows = []
-        for key, estimate, label in LIKELIHOOD_ROWS:
-            entry = lik["methods"].get(key)
-            if entry is None:
-                continue
-            entry = entry[estimate] if estimate else entry
-            rows.append(_nll_row(label, entry["estimate"], entry["nll"]))
-            if key == "edlm_coar" and "ar_prediction_nll" in entry:  # the exact relation, side by side
-                rows.append(_nll_row("EDLM-coAR predicted from AR", "(1−ε)(L−1)/L · AR + pθ's first token",
-                                     entry["ar_prediction_nll"] + entry["position0_nll"]))
-        parts.append(markdown_table(rows, ["Method", "Estimate", "NLL (nats/token)", "PPL", "Bits/token"]))
-        parts.append("\n" + NOTES)
+        parts += likelihood_section(lik)
     samples = results.get("samples")
     if samples:
         oracle = next((s.get("oracle") for s in samples if s.get("oracle")), None)
@@ -214,5 +225,21 @@ def write_outputs(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if results.get("samples"):
         results["plots"] = make_plots(results["samples"], out)
-    (out / "metrics.json").write_text(json.dumps(_finite(results), indent=1, ensure_ascii=False) + "\n")
-    (out / "metrics.md").write_text(markdown_report(results))
+    (out / METRICS_FILE).write_text(json.dumps(_finite(results), indent=1, ensure_ascii=False) + "\n")
+    (out / METRICS_REPORT).write_text(markdown_report(results))
+
+
+# ----------------------------------------------------------------------------- `edlm pipeline` report
+def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, settings_line: str) -> None:
+    """``results.md``, ``frontier.png`` and ``entropy_vs_genppl.png`` of a pipeline run."""
+    curves = {m: results["methods"][m] for m in methods if m in results["methods"]}
+    plot_frontier(curves, out / "frontier.png")
+    plot_entropy_vs_genppl(curves, out / "entropy_vs_genppl.png")
+    rows = [{"method": method, **row} for method, series in curves.items() for row in series]
+    rows.append({"method": "data (exact)", **results["data"]})
+    lines = ["# EDLM vs MDLM on the synthetic language (exact oracle)", "", settings_line, "",
+             markdown_table(rows, ["method", "steps", "gen_ppl", "nll_per_token", "entropy", "seconds_per_sample",
+                                   "k", "window"]), ""]
+    if "likelihood" in results:
+        lines += likelihood_section(results["likelihood"]) + [""]
+    (out / PIPELINE_REPORT).write_text("\n".join(lines))

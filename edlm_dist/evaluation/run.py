@@ -150,26 +150,40 @@ def evaluate_likelihood(models: LikelihoodModels, data_dir, *, settings: Likelih
     return summarize_likelihood(sums, methods, settings, total_rows, models.seq_len)
 
 
-def _load_models(plan: EvalPlan, device):
+def likelihood_settings(cfg: RunConfig) -> LikelihoodSettings:
+    """The estimator settings of a config (``eval`` section; t's lower end is the training's sampling_eps)."""
+    e = cfg.eval
+    return LikelihoodSettings(n_negatives=e.n_negatives, seed=e.seed, strata=e.batch_size,
+                              sampling_eps=cfg.train.sampling_eps, chunk_rows=e.batch_size)
+
+
+def load_likelihood_models(checkpoints: dict[str, str | os.PathLike], device=None):
+    """``(LikelihoodModels, {kind: (model, meta, config)})`` from run folders keyed dit / ar / energy (EMA weights)."""
     loaded = {kind: load_trained_model(path, use_ema=True, expect_kind=kind, device=device)
-              for kind, path in plan.checkpoints.items()}
+              for kind, path in checkpoints.items()}
     meta = next(iter(loaded.values()))[1]
     return LikelihoodModels(vocab_size=int(meta["vocab_size"]), seq_len=int(meta["seq_len"]),
                             mask_id=int(meta["mask_id"]), diffusion=loaded.get("dit", (None,))[0],
                             ar=loaded.get("ar", (None,))[0], energy=loaded.get("energy", (None,))[0]), loaded
 
 
-def run_likelihood(cfg: RunConfig, plan: EvalPlan, ctx) -> dict:
-    models, loaded = _load_models(plan, ctx.device)
-    validate_dataset(plan.data_dir, seq_len=models.seq_len, vocab_size=models.vocab_size, splits=("valid",))
+def likelihood_metrics(cfg: RunConfig, models: LikelihoodModels, data_dir: str | os.PathLike, ctx=None) -> dict:
+    """Validation likelihood of ``models`` with the config's estimator settings, over the ranks of ``ctx``
+    (one process when None). ``eval.max_batches`` counts single-rank batches, so the rows (and numbers)
+    do not depend on the rank count."""
     e = cfg.eval
-    settings = LikelihoodSettings(n_negatives=e.n_negatives, seed=e.seed, strata=e.batch_size,
-                                  sampling_eps=cfg.train.sampling_eps, chunk_rows=e.batch_size)
-    # max_batches counts single-rank batches, so the rows (and numbers) do not depend on the rank count.
     max_rows = e.max_batches * e.batch_size if e.max_batches > 0 else None
-    result = evaluate_likelihood(models, plan.data_dir, settings=settings, batch_size=e.batch_size, max_rows=max_rows,
-                                 dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, dp_group=ctx.dp_group,
-                                 progress=cfg.logging.progress and ctx.is_main)
+    split = dict(dp_rank=ctx.dp_rank, dp_size=ctx.dp_size, dp_group=ctx.dp_group) if ctx is not None else {}
+    return evaluate_likelihood(models, data_dir, settings=likelihood_settings(cfg), batch_size=e.batch_size,
+                               max_rows=max_rows, progress=cfg.logging.progress and (ctx is None or ctx.is_main),
+                               **split)
+
+
+def run_likelihood(cfg: RunConfig, plan: EvalPlan, ctx) -> dict:
+    """``edlm eval``'s likelihood: the metrics plus where the data and the weights came from."""
+    models, loaded = load_likelihood_models(plan.checkpoints, ctx.device)
+    validate_dataset(plan.data_dir, seq_len=models.seq_len, vocab_size=models.vocab_size, splits=("valid",))
+    result = likelihood_metrics(cfg, models, plan.data_dir, ctx)
     result["data_dir"] = plan.data_dir
     result["checkpoints"] = {
         kind: {"path": plan.checkpoints[kind], "step": meta.get("step"),

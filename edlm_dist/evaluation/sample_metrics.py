@@ -1,34 +1,41 @@
-"""Sample quality: Gen PPL under an oracle and unigram entropy, distributed over ranks (spec §7.1-7.3).
+"""Sample quality: Gen PPL under an oracle, unigram entropy and time per sample (spec §7.1-7.3).
 
-Sample files are the JSONL written by ``edlm sample`` (one row per sample, at least ``tokens``; also
-``text`` and ``seconds``) with a ``summary.json`` of the sampler settings next to them. Rows are split
-into contiguous blocks over the ranks; each rank scores its block and the float64 sums (token-weighted
-NLL, entropies, seconds) are all-reduced, so the result does not depend on the number of ranks.
+The one place that scores samples: ``edlm eval``, the pipeline and the benchmarks call
+:func:`score_samples` (rows or token tensors), :func:`score_sample_file` / :func:`evaluate_sample_file`
+(files written by ``edlm sample``) and :func:`data_reference` (the data's own values). Scores are
+kept per sample (:class:`SampleScores`: NLL sum and scored tokens under the oracle, entropy, seconds),
+so a confidence interval can resample them; :meth:`SampleScores.summary` aggregates: Gen PPL is
+token-weighted over all samples, exp(Σ nll / Σ tokens), never a mean of per-sample perplexities.
 
-Oracles: ``ExactSyntheticOracle`` (the synthetic language's exact log p(row), spread over its L−1
-scored tokens) and ``HFOracle`` (any local HF causal LM, MDLM's protocol in genppl.py). The data's own
-values (validation rows under the same oracle, their entropy, and the synthetic language's exact
-entropy rate) are computed the same way for comparison.
+Distributed: rows are split into contiguous blocks over the ranks; each rank scores its block and
+the per-sample values are summed into full-length float64 vectors (every entry has exactly one
+non-zero contributor), so every rank holds every sample's values and the aggregates do not depend
+on the number of ranks.
+
+Oracles: :class:`ExactSyntheticOracle` (the synthetic language's exact log p(row), spread over its
+L−1 scored tokens) and :class:`HFOracle` (any local HF causal LM, MDLM's protocol in genppl.py).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Protocol
 
 import torch
+from torch import Tensor
 
 from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, sampler_setting
 from edlm_dist.data.loader import build_eval_loader
 from edlm_dist.errors import DataError
 from edlm_dist.evaluation.entropy import unigram_entropy_bits
-from edlm_dist.evaluation.genppl import GenPPLAccumulator, HFCausalLMOracle, exact_sequence_genppl
+from edlm_dist.evaluation.genppl import GenPPLAccumulator, HFCausalLMOracle
 from edlm_dist.parallel.collectives import all_reduce_float64
 
 METHOD_NAMES = {"ar": "EDLM-AR", "coar": "EDLM-coAR", "nce": "EDLM-NCE", "oracle": "EDLM-oracle"}
+SETTING_KEYS = ("steps", "k", "window", "temperature", "update", "precision")
 
 
-# ---------------------------------------------------------------------------------------- files
 def method_name(summary: dict, path: str | Path) -> str:
     """'MDLM', 'EDLM-AR', ... from the summary; the file's folder name when the sampler is unknown."""
     sampler = sampler_setting(summary, "sampler")
@@ -44,26 +51,28 @@ def method_name(summary: dict, path: str | Path) -> str:
 class Oracle(Protocol):
     name: str
 
-    def score_rows(self, rows: list[dict]) -> GenPPLAccumulator: ...
+    def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
+        """Per row: (NLL summed over its scored tokens, number of scored tokens), float64 (n,) each."""
 
 
 class ExactSyntheticOracle:
-    """Exact Gen PPL under the synthetic language: exp(−Σ log p(row) / (rows · (L−1))) (spec §7.1 analogue)."""
+    """Exact Gen PPL under the synthetic language: −log p(row) over its L−1 scored tokens (spec §7.1 analogue)."""
 
     name = "exact"
 
     def __init__(self, language) -> None:
         self.language = language
 
-    def score_rows(self, rows: list[dict]) -> GenPPLAccumulator:
+    def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
         if not rows:
-            return GenPPLAccumulator()
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
         lengths = {len(row["tokens"]) for row in rows}
         if lengths != {self.language.seq_len}:
             raise DataError(f"the exact oracle scores rows of length {self.language.seq_len}, got lengths "
                             f"{sorted(lengths)}; sample with the data's seq_len or use an HF oracle")
         tokens = torch.tensor([row["tokens"] for row in rows], dtype=torch.long)
-        return exact_sequence_genppl(self.language.log_prob(tokens), self.language.num_scored_tokens)
+        nll = -self.language.log_prob(tokens).to(torch.float64)
+        return nll, torch.full_like(nll, float(self.language.num_scored_tokens))
 
 
 class HFOracle:
@@ -87,53 +96,99 @@ class HFOracle:
                                 "write 'text' in the samples or set data.dir to the prepared data")
         return out
 
-    def score_rows(self, rows: list[dict]) -> GenPPLAccumulator:
-        return self.oracle.score(self.texts(rows)) if rows else GenPPLAccumulator()
+    def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
+        return self.oracle.score_texts(self.texts(rows))
 
 
-# ------------------------------------------------------------------------------------- metrics
+# ------------------------------------------------------------------------------------- scores
+@dataclass
+class SampleScores:
+    """Per-sample values, float64 (N,) in sample order; None where not measured."""
+
+    num_samples: int
+    nll: Optional[Tensor] = None  # oracle NLL of each sample, nats summed over its scored tokens
+    scored_tokens: Optional[Tensor] = None  # tokens the oracle scored in each sample
+    entropy_bits: Optional[Tensor] = None  # unigram entropy of each sample
+    seconds: Optional[Tensor] = None  # wall seconds each sample took (its batch's time / batch size); NaN: untimed
+    oracle: Optional[str] = None
+
+    def summary(self) -> dict:
+        """Aggregates: Gen PPL (token-weighted), mean NLL per token (+ standard error over samples),
+        mean entropy, mean seconds per sample."""
+        out: dict = {"num_samples": self.num_samples}
+        if self.nll is not None:
+            total = GenPPLAccumulator(nll_sum=float(self.nll.sum()), weight_sum=float(self.scored_tokens.sum()))
+            per_token = self.nll / self.scored_tokens
+            stderr = float(per_token.std() / math.sqrt(self.num_samples)) if self.num_samples > 1 else None
+            out.update(gen_ppl=total.value(), gen_nll=total.mean_nll(), scored_tokens=total.weight_sum,
+                       nll_per_token=float(per_token.mean()), nll_per_token_stderr=stderr, oracle=self.oracle)
+        if self.entropy_bits is not None:
+            out["entropy_bits"] = float(self.entropy_bits.mean())
+        timed = [v for v in self.seconds.tolist() if not math.isnan(v)] if self.seconds is not None else []
+        # Python's sequential sum over the timed samples, in file order.
+        out["seconds_per_sample"] = sum(timed) / len(timed) if timed else None
+        return out
+
+
 def rank_block(n: int, rank: int, size: int) -> slice:
     """Contiguous block of ``n`` items for ``rank`` of ``size`` (sizes differ by at most one)."""
     return slice(n * rank // size, n * (rank + 1) // size)
 
 
-def score_rows(rows: list[dict], oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0, dp_size: int = 1,
-               dp_group=None, device: torch.device | str = "cpu") -> dict:
-    """Gen PPL (token-weighted over all rows), mean unigram entropy (bits), mean seconds per sample.
+def _gathered(values: Optional[Tensor], block: slice, n: int, dp_group, device) -> Optional[Tensor]:
+    """This rank's block of per-sample values placed in a zero vector of all n samples, summed over ranks."""
+    if values is None:
+        return None
+    full = torch.zeros(n, dtype=torch.float64)
+    full[block] = values.to(torch.float64).cpu()
+    return torch.tensor(all_reduce_float64(full.tolist(), dp_group, device), dtype=torch.float64)
 
-    Each rank handles its block of rows; collective over ``dp_group`` when torch.distributed is up.
-    """
-    mine = rows[rank_block(len(rows), dp_rank, dp_size)]
-    acc = oracle.score_rows(mine) if oracle is not None else GenPPLAccumulator()
-    entropy_sum = 0.0
-    if entropy:
-        entropy_sum = sum(float(unigram_entropy_bits(torch.tensor(row["tokens"]))) for row in mine)
-    seconds = [float(row["seconds"]) for row in mine if isinstance(row.get("seconds"), (int, float))]
-    sums = all_reduce_float64([acc.nll_sum, acc.weight_sum, entropy_sum, float(len(mine)), sum(seconds),
-                               float(len(seconds))], dp_group, device)
-    out: dict = {"num_samples": int(sums[3])}
+
+def score_samples(rows: list[dict] | Tensor, oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0,
+                  dp_size: int = 1, dp_group=None, device: torch.device | str = "cpu") -> SampleScores:
+    """Per-sample oracle NLL, entropy and seconds of ``rows`` (dicts with ``tokens`` and optionally ``text``
+    and ``seconds``, or a (N, L) tensor of token ids). Collective over ``dp_group`` when torch.distributed
+    is up; every rank returns every sample's values."""
+    if isinstance(rows, Tensor):
+        rows = [{"tokens": row} for row in rows.tolist()]
+    n = len(rows)
+    block = rank_block(n, dp_rank, dp_size)
+    mine = rows[block]
+    nll = tokens = entropies = None
     if oracle is not None:
-        total = GenPPLAccumulator(nll_sum=sums[0], weight_sum=sums[1])
-        out.update(gen_ppl=total.value(), gen_nll=total.mean_nll(), scored_tokens=total.weight_sum,
-                   oracle=oracle.name)
-    if entropy:
-        out["entropy_bits"] = sums[2] / sums[3]
-    out["seconds_per_sample"] = sums[4] / sums[5] if sums[5] > 0 else None
-    return out
+        nll, tokens = oracle.score_rows(mine)
+    if entropy:  # row by row: sample files may hold rows of different lengths
+        entropies = torch.tensor([float(unigram_entropy_bits(torch.tensor(row["tokens"]))) for row in mine],
+                                 dtype=torch.float64)
+    seconds = None
+    if any(isinstance(row.get("seconds"), (int, float)) for row in rows):  # NaN marks an untimed row
+        seconds = torch.tensor([float(row["seconds"]) if isinstance(row.get("seconds"), (int, float)) else math.nan
+                                for row in mine], dtype=torch.float64)
+    return SampleScores(n, _gathered(nll, block, n, dp_group, device), _gathered(tokens, block, n, dp_group, device),
+                        _gathered(entropies, block, n, dp_group, device), _gathered(seconds, block, n, dp_group, device),
+                        oracle.name if oracle is not None else None)
+
+
+def score_sample_file(path: str | Path, oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0,
+                      dp_size: int = 1, dp_group=None,
+                      device: torch.device | str = "cpu") -> tuple[dict, SampleScores]:
+    """The settings that produced a sample file (method, steps, k, ...) and its per-sample scores."""
+    rows = read_samples_jsonl(path)
+    summary = read_sample_summary(path)
+    settings = {"file": str(path), "method": method_name(summary, path),
+                **{key: sampler_setting(summary, key) for key in SETTING_KEYS}}
+    scores = score_samples(rows, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group,
+                           device=device)
+    return {**settings, "sampler_settings": summary}, scores
 
 
 def evaluate_sample_file(path: str | Path, oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0,
                          dp_size: int = 1, dp_group=None, device: torch.device | str = "cpu") -> dict:
     """Metrics of one sample file with the sampler settings that produced it."""
-    rows = read_samples_jsonl(path)
-    summary = read_sample_summary(path)
-    out = {"file": str(path), "method": method_name(summary, path)}
-    for key in ("steps", "k", "window", "temperature", "update", "precision"):
-        out[key] = sampler_setting(summary, key)
-    out.update(score_rows(rows, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group,
-                          device=device))
-    out["sampler_settings"] = summary
-    return out
+    settings, scores = score_sample_file(path, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size,
+                                         dp_group=dp_group, device=device)
+    sampler_settings = settings.pop("sampler_settings")
+    return {**settings, **scores.summary(), "sampler_settings": sampler_settings}
 
 
 def data_reference(data_dir: str | Path, oracle: Optional[Oracle], *, entropy: bool, num_rows: int,
@@ -146,8 +201,9 @@ def data_reference(data_dir: str | Path, oracle: Optional[Oracle], *, entropy: b
     if tokenizer is not None:
         for row in rows:
             row["text"] = tokenizer.decode(row["tokens"])
-    out = {"split": split, **score_rows(rows, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size,
-                                         dp_group=dp_group, device=device)}
+    scores = score_samples(rows, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group,
+                           device=device)
+    out = {"split": split, **scores.summary()}
     out.pop("seconds_per_sample", None)
     if language is not None:
         rate, stderr = language.entropy_per_token()

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from edlm_dist.config.load import load_config
 from edlm_dist.parallel.runtime import shutdown_parallel
-from edlm_dist.pipeline.run import REPORT_FILE, run_pipeline
+from edlm_dist.evaluation.report import PIPELINE_REPORT
+from edlm_dist.pipeline.run import run_pipeline
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -18,5 +19,5 @@ def cli_main(args: argparse.Namespace) -> int:
         results = run_pipeline(cfg, args.out)
     finally:
         shutdown_parallel()
-    print((Path(args.out) / REPORT_FILE).read_text())
+    print((Path(args.out) / PIPELINE_REPORT).read_text())
     return 0 if results else 1

@@ -15,29 +15,22 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from edlm_dist.artifacts.files import write_json_atomic
 from edlm_dist.artifacts.provenance import git_commit
-from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, samples_path, summary_path
+from edlm_dist.artifacts.samples import read_sample_summary, samples_path, summary_path
 from edlm_dist.artifacts.weights import load_trained_model, synthetic_language_for, trained_step
 from edlm_dist.config.load import save_config
 from edlm_dist.config.schema import RunConfig
-from edlm_dist.errors import ConfigError
-from edlm_dist.data.loader import build_eval_loader
 from edlm_dist.data.prepare import prepare_data
 from edlm_dist.data.shards import has_manifest
-from edlm_dist.data.synthetic import SyntheticLanguage
-from edlm_dist.evaluation.entropy import unigram_entropy_bits
-from edlm_dist.evaluation.genppl import exact_sequence_genppl
-from edlm_dist.evaluation.likelihood import LikelihoodModels, LikelihoodSettings
-from edlm_dist.evaluation.run import evaluate_likelihood
-from edlm_dist.evaluation.report import markdown_table, plot_entropy_vs_genppl, plot_frontier
+from edlm_dist.errors import ConfigError
+from edlm_dist.evaluation.report import write_pipeline_report
+from edlm_dist.evaluation.run import exact_language, likelihood_metrics, load_likelihood_models
+from edlm_dist.evaluation.sample_metrics import ExactSyntheticOracle, data_reference, score_sample_file
 from edlm_dist.parallel.runtime import init_parallel
 from edlm_dist.sampling.model_energies import ENERGIES, build_energy
 from edlm_dist.sampling.engine import ModelDenoiser
@@ -45,7 +38,7 @@ from edlm_dist.sampling.run import run_sampling
 from edlm_dist.training.trainer import Trainer
 
 log = logging.getLogger("edlm.pipeline")
-RESULTS_FILE, REPORT_FILE, LIKELIHOOD_FILE = "results.json", "results.md", "likelihood.json"
+RESULTS_FILE, LIKELIHOOD_FILE = "results.json", "likelihood.json"
 RUN_NAMES = ("mdlm", "ar", "nce")  # the trained models' folders under OUT
 
 METHODS = {  # name -> (sampler, energy)
@@ -101,29 +94,21 @@ def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, 
     return run_sampling(stage, folder)
 
 
-def sample_metrics(folder: Path, language) -> dict:
-    """Exact Gen PPL (token-weighted over the oracle's scored tokens) and mean unigram entropy in bits."""
-    rows = read_samples_jsonl(samples_path(folder))
-    tokens = torch.tensor([r["tokens"] for r in rows], dtype=torch.long)
-    log_probs = language.log_prob(tokens)
-    nll_per_token = -log_probs / language.num_scored_tokens
-    accumulator = exact_sequence_genppl(log_probs, language.num_scored_tokens)
-    return {
-        "gen_ppl": accumulator.value(),
-        "nll_per_token": float(nll_per_token.mean()),
-        "nll_per_token_stderr": float(nll_per_token.std() / math.sqrt(len(rows))) if len(rows) > 1 else None,
-        "entropy": float(unigram_entropy_bits(tokens).mean()),
-        "seconds_per_sample": sum(r["seconds"] for r in rows) / len(rows),
-        "num_samples": len(rows),
-    }
+def sample_metrics(folder: Path, oracle: ExactSyntheticOracle) -> dict:
+    """Exact Gen PPL (token-weighted over the oracle's scored tokens), NLL per token, mean unigram entropy
+    in bits and seconds per sample of one sample folder (the evaluation API, under the pipeline's names)."""
+    _, scores = score_sample_file(samples_path(folder), oracle, entropy=True)
+    m = scores.summary()
+    return {"gen_ppl": m["gen_ppl"], "nll_per_token": m["nll_per_token"],
+            "nll_per_token_stderr": m["nll_per_token_stderr"], "entropy": m["entropy_bits"],
+            "seconds_per_sample": m["seconds_per_sample"], "num_samples": m["num_samples"]}
 
 
-def data_reference(cfg: RunConfig, data_dir: Path, language) -> dict:
+def data_values(cfg: RunConfig, data_dir: Path, oracle: ExactSyntheticOracle) -> dict:
     """The language's own values: exact entropy rate as Gen PPL, and entropy of validation rows."""
-    rate, stderr = language.entropy_per_token()
-    rows = torch.cat(list(build_eval_loader(data_dir, "valid", micro_batch=256, max_rows=cfg.pipeline.num_samples)))
-    return {"gen_ppl": math.exp(rate), "nll_per_token": rate, "nll_per_token_stderr": stderr,
-            "entropy": float(unigram_entropy_bits(rows).mean())}
+    ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples, language=oracle.language)
+    return {"gen_ppl": ref["entropy_rate_ppl"], "nll_per_token": ref["entropy_rate_nats"],
+            "nll_per_token_stderr": ref["entropy_rate_stderr"], "entropy": ref["entropy_bits"]}
 
 
 def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: Path, out: Path) -> dict:
@@ -131,44 +116,17 @@ def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: Path, out:
     path = out / LIKELIHOOD_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    diffusion, meta, _ = load_trained_model(runs["mdlm"], expect_kind="dit")
-    ar = load_trained_model(runs["ar"], expect_kind="ar")[0]
-    energy = load_trained_model(runs["nce"], expect_kind="energy")[0]
-    models = LikelihoodModels(vocab_size=meta["vocab_size"], seq_len=meta["seq_len"], mask_id=meta["mask_id"],
-                              diffusion=diffusion, ar=ar, energy=energy)
-    e = cfg.eval
-    settings = LikelihoodSettings(n_negatives=e.n_negatives, seed=e.seed, strata=e.batch_size, chunk_rows=e.batch_size)
-    max_rows = e.max_batches * e.batch_size if e.max_batches else None
-    result = evaluate_likelihood(models, data_dir, settings=settings, batch_size=e.batch_size, max_rows=max_rows,
-                                 progress=cfg.logging.progress)
+    models, _ = load_likelihood_models({"dit": runs["mdlm"], "ar": runs["ar"], "energy": runs["nce"]})
+    result = likelihood_metrics(cfg, models, data_dir)
     write_json_atomic(path, result)
     return result
 
 
 def report(cfg: RunConfig, out: Path, results: dict) -> None:
-    curves = {m: results["methods"][m] for m in METHODS if m in results["methods"]}
-    plot_frontier(curves, out / "frontier.png")
-    plot_entropy_vs_genppl(curves, out / "entropy_vs_genppl.png")
-    rows = [{"method": method, **row} for method, series in curves.items() for row in series]
-    rows.append({"method": "data (exact)", **results["data"]})
-    lines = ["# EDLM vs MDLM on the synthetic language (exact oracle)", "",
-             f"k={cfg.sample.k}, window={cfg.sample.window}, {cfg.pipeline.num_samples} samples per cell, "
-             f"sampling precision {cfg.sample.precision}, EMA weights. Gen PPL = exp(exact NLL per scored token).", "",
-             markdown_table(rows, ["method", "steps", "gen_ppl", "nll_per_token", "entropy", "seconds_per_sample",
-                                   "k", "window"]), ""]
-    if "likelihood" in results:
-        lines += ["## Validation likelihood", "", _likelihood_table(results["likelihood"]), ""]
-    (out / REPORT_FILE).write_text("\n".join(lines))
-
-
-def _likelihood_table(likelihood: dict) -> str:
-    rows = []
-    for name, values in likelihood.get("methods", {}).items():
-        estimates = {k: v for k, v in values.items() if isinstance(v, dict) and "nll" in v}
-        for label, entry in (estimates or {"": values}).items():
-            rows.append({"method": f"{name} {label}".strip(), "nll_per_token": entry.get("nll"),
-                         "ppl": entry.get("ppl"), "estimate": entry.get("estimate", "")})
-    return markdown_table(rows, ["method", "nll_per_token", "ppl", "estimate"])
+    settings_line = (f"k={cfg.sample.k}, window={cfg.sample.window}, {cfg.pipeline.num_samples} samples per cell, "
+                     f"sampling precision {cfg.sample.precision}, EMA weights. Gen PPL = exp(exact NLL per scored "
+                     "token).")
+    write_pipeline_report(results, list(METHODS), out, settings_line)
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
@@ -181,18 +139,18 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
     runs = {"mdlm": train_stage(cfg, data_dir, out / "mdlm", "mdlm", p.mdlm_steps)}
     runs["ar"] = train_stage(cfg, data_dir, out / "ar", "ar", p.ar_steps)
     runs["nce"] = train_stage(cfg, data_dir, out / "nce", "nce", p.nce_steps, diffusion_ckpt=str(runs["mdlm"]))
-    language = SyntheticLanguage(cfg.data.synthetic, cfg.data.seq_len)
+    oracle = ExactSyntheticOracle(exact_language(data_dir))
     results: dict[str, Any] = {"methods": {}, "settings": _settings(cfg)}
     for method in METHODS:
         for steps in p.step_counts:
             summary = sample_stage(cfg, runs, out, method, steps)
-            metrics = sample_metrics(out / "samples" / f"{method}_T{steps}", language)
+            metrics = sample_metrics(out / "samples" / f"{method}_T{steps}", oracle)
             results["methods"].setdefault(method, []).append({
                 "steps": steps, **metrics,
                 "k": summary.get("k"), "window": summary.get("window"), "mean_ess": summary.get("mean_ess"),
                 "mean_nfe": summary.get("mean_nfe"),
             })
-    results["data"] = data_reference(cfg, data_dir, language)
+    results["data"] = data_values(cfg, data_dir, oracle)
     results["likelihood"] = likelihood_stage(cfg, runs, data_dir, out)
     write_json_atomic(out / RESULTS_FILE, results)
     report(cfg, out, results)

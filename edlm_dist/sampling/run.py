@@ -1,6 +1,7 @@
 """Sampling runs: MDLM or EDLM samples of trained models into a sample folder (:mod:`edlm_dist.artifacts.samples`).
 
-``edlm sample`` and the pipeline call :func:`run_sampling`.
+``edlm sample`` and the pipeline call :func:`run_sampling`. It only samples: scoring the samples
+(Gen PPL under an oracle, entropy) is :mod:`edlm_dist.evaluation.sample_metrics`' job.
 
 Every setting is checked (and every checkpoint's meta.json read) before a model is loaded, so bad
 input fails in a second with one line. Under torchrun (WORLD_SIZE > 1) the ranks are cut into
@@ -105,8 +106,9 @@ def run_sampling(cfg: RunConfig, out_dir: str | os.PathLike, *, proposal_paralle
     settings = SamplerSettings.from_config(cfg.sample)
     found = check_inputs(cfg)
     dmeta = found["diffusion"][1]
-    language = synthetic_language_for(dmeta)
-    if settings.sampler == "edlm" and cfg.sample.energy == "oracle" and language is None:
+    needs_language = settings.sampler == "edlm" and cfg.sample.energy == "oracle"
+    language = synthetic_language_for(dmeta) if needs_language else None
+    if needs_language and language is None:
         raise ConfigError("sample.energy=oracle needs the exact synthetic language, but the diffusion model was "
                           "trained on non-synthetic data; use energy=ar, coar or nce")
     out = Path(out_dir)
@@ -169,12 +171,6 @@ def _sample_and_write(cfg, settings, found, language, out, ctx, proposal_paralle
         ess_steps = [e for part in gathered for e in part[1]]
     records.sort(key=lambda r: r["index"])
     tokenizer = load_tokenizer(dmeta)
-    if language is not None:
-        rows = torch.tensor([r["tokens"] for r in records], dtype=torch.long)
-        nll = (-language.log_prob(rows)).tolist()
-        for record, value in zip(records, nll):
-            record["oracle_nll"] = value
-            record["oracle_nll_per_token"] = value / language.num_scored_tokens
     for record in records:
         record["text"] = tokenizer.decode(record["tokens"]) if tokenizer is not None else None
     summary = _summary(cfg, settings, found, records, ess_steps, elapsed, ctx, layout)
@@ -226,11 +222,6 @@ def _summary(cfg, settings, found, records, ess_steps, elapsed, ctx, layout) -> 
         "mean_sequential_calls": sum(r["sequential_calls"] for r in records) / max(1, len(records)),
         "config": config_to_dict(cfg),
     }
-    if records and "oracle_nll" in records[0]:
-        values = torch.tensor([r["oracle_nll"] for r in records], dtype=torch.float64)
-        stderr = float(values.std() / math.sqrt(len(values))) if len(values) > 1 else None
-        summary["oracle"] = {"mean_nll": float(values.mean()), "stderr": stderr,
-                             "mean_nll_per_token": float(values.mean()) / (summary["seq_len"] - 1)}
     return summary
 
 

@@ -1,4 +1,4 @@
-"""The tests folder has no packages, so pytest imports test modules by basename: keep them unique."""
+"""Test folders below tests/ are not packages, so pytest imports test modules by basename: keep them unique."""
 
 from __future__ import annotations
 

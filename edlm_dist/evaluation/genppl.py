@@ -126,6 +126,7 @@ class HFCausalLMOracle:
         check_oracle_location(path_or_name)  # before importing/loading anything heavy
         if batch_size < 1:
             raise DataError(f"oracle batch_size must be ≥ 1, got {batch_size}")
+        # transformers takes seconds to import and only HF oracles need it (the exact oracle does not).
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         import edlm_dist.artifacts.hf_models  # noqa: F401  registers exported edlm AR models with the Auto classes

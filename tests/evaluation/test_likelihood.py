@@ -274,3 +274,12 @@ def test_rows_of_another_length_are_refused(tmp_path):
     data_dir = _prepare(tmp_path, seq_len=10)
     with pytest.raises(DataError, match="seq_len=8"):
         evaluate_likelihood(_models_for_data(8), data_dir, settings=SETTINGS, batch_size=4)
+
+
+def test_likelihood_settings_come_from_the_config_for_eval_and_pipeline_alike():
+    """One mapping from the config (the pipeline once dropped train.sampling_eps); every field is the config's."""
+    from edlm_dist.evaluation.run import likelihood_settings
+
+    cfg = load_config(None, ["train.sampling_eps=0.01", "eval.n_negatives=5", "eval.seed=9", "eval.batch_size=6"])
+    assert likelihood_settings(cfg) == LikelihoodSettings(n_negatives=5, seed=9, strata=6, sampling_eps=0.01,
+                                                          chunk_rows=6)

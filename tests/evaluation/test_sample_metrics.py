@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.data.synthetic import SyntheticLanguage
@@ -24,8 +25,8 @@ from edlm_dist.evaluation.sample_metrics import (
     evaluate_sample_file,
     method_name,
     rank_block,
-    read_sample_summary,
-    read_samples_jsonl,
+    score_sample_file,
+    score_samples,
 )
 from tests.spawn import run_on_ranks
 from tolerances import approx_across, network_reduction_size
@@ -92,6 +93,32 @@ def test_data_reference_scores_validation_rows_like_samples(tmp_path, language):
     assert ref["entropy_rate_ppl"] == pytest.approx(math.exp(language.entropy_per_token()[0]))
 
 
+def test_per_sample_scores_are_each_samples_own_values(tmp_path, language):
+    """SampleScores keeps one value per sample in file order (what a bootstrap resamples): the exact NLL,
+    the scored tokens, the unigram entropy by hand and the row's seconds; a row without seconds is NaN and
+    left out of the mean. The summary is the token-weighted aggregate of exactly these values."""
+    rows = language.sample(9, torch.Generator().manual_seed(4))
+    path = _write_samples(tmp_path / "s", rows.tolist())
+    lines = path.read_text().splitlines()
+    lines[3] = json.dumps({k: v for k, v in json.loads(lines[3]).items() if k != "seconds"})
+    path.write_text("\n".join(lines) + "\n")
+    settings, scores = score_sample_file(path, ExactSyntheticOracle(language), entropy=True)
+    assert scores.num_samples == 9 and settings["file"] == str(path)
+    assert torch.equal(scores.nll, -language.log_prob(rows))
+    assert scores.scored_tokens.tolist() == [SEQ_LEN - 1] * 9
+    assert scores.entropy_bits.tolist() == pytest.approx([_hand_entropy_bits(r) for r in rows.tolist()], rel=1e-12)
+    timed = [0.5 + 0.1 * i for i in range(9) if i != 3]
+    assert math.isnan(scores.seconds[3]) and [v for i, v in enumerate(scores.seconds.tolist()) if i != 3] == timed
+    summary = scores.summary()
+    assert summary["gen_ppl"] == math.exp(scores.nll.sum().item() / (9 * (SEQ_LEN - 1)))
+    assert summary["seconds_per_sample"] == pytest.approx(sum(timed) / 8)
+    assert summary["nll_per_token_stderr"] == pytest.approx(
+        (scores.nll / (SEQ_LEN - 1)).std().item() / 3, rel=1e-12)
+    # Token tensors score like rows.
+    again = score_samples(rows, ExactSyntheticOracle(language), entropy=True)
+    assert torch.equal(again.nll, scores.nll) and torch.equal(again.entropy_bits, scores.entropy_bits)
+
+
 def test_exact_oracle_refuses_rows_of_another_length(tmp_path, language):
     path = _write_samples(tmp_path / "s", [[8, 1, 2, 9]])
     with pytest.raises(DataError, match="length 12"):
@@ -124,6 +151,26 @@ def _rank_metrics(path, oracle_spec, language):
     oracle = ExactSyntheticOracle(language) if oracle_spec == "exact" else HFOracle(oracle_spec, batch_size=2)
     return evaluate_sample_file(path, oracle, entropy=True, dp_rank=ctx.dp_rank, dp_size=ctx.dp_size,
                                 dp_group=ctx.dp_group)
+
+
+def _rank_scores(path, language):
+    from edlm_dist.parallel.runtime import init_parallel
+
+    ctx = init_parallel(load_config(None, ["train.global_batch=16", "train.micro_batch=2"]))
+    scores = score_sample_file(path, ExactSyntheticOracle(language), entropy=True, dp_rank=ctx.dp_rank,
+                               dp_size=ctx.dp_size, dp_group=ctx.dp_group)[1]
+    return scores.nll, scores.entropy_bits, scores.seconds, scores.summary()
+
+
+@pytest.mark.multirank
+def test_per_sample_scores_on_two_ranks_equal_one_rank_bitwise(tmp_path, language):
+    """Every rank ends with every sample's values, exactly the single-process ones, so the aggregates are too."""
+    rows = language.sample(7, torch.Generator().manual_seed(1)).tolist()  # 3 + 4 rows on two ranks
+    path = _write_samples(tmp_path / "mdlm", rows, language)
+    single = score_sample_file(path, ExactSyntheticOracle(language), entropy=True)[1]
+    for nll, entropy, seconds, summary in run_on_ranks(_rank_scores, 2, path, language):
+        assert torch.equal(nll, single.nll) and torch.equal(entropy, single.entropy_bits)
+        assert torch.equal(seconds, single.seconds) and summary == single.summary()
 
 
 @pytest.mark.multirank

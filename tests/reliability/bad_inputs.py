@@ -223,7 +223,7 @@ def negative_window(ws: Workspace, case: Path) -> object:
 
 
 def read_rows_without_tokens(ws: Workspace, case: Path) -> object:
-    from edlm_dist.evaluation.sample_metrics import read_samples_jsonl
+    from edlm_dist.artifacts.samples import read_samples_jsonl
 
     (case / "t.jsonl").write_text('{"text": "hi"}\n')
     return read_samples_jsonl(case / "t.jsonl")

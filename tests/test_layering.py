@@ -41,6 +41,7 @@ MATH_MODULES = [
     "sampling/categorical.py", "sampling/chunking.py", "sampling/energies.py", "sampling/engine.py",
     "sampling/importance.py", "sampling/mdlm.py", "sampling/streams.py",
     "evaluation/bounds.py", "evaluation/entropy.py", "evaluation/genppl.py", "evaluation/likelihood.py",
+    "evaluation/intervals.py",
     "models/layers.py",
 ]
 DISTRIBUTED = ("torch.distributed", "deepspeed", "megatron", "edlm_dist.parallel")

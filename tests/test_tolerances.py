@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tolerances import approx_across, assert_close_across, tolerance
+from tests.tolerances import approx_across, assert_close_across, tolerance
 
 
 @pytest.mark.parametrize("n", [7, 100, 4096, 50_257])

@@ -12,7 +12,7 @@ from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig, SyntheticConfig
 from edlm_dist.errors import CheckpointError
 from tests.spawn import run_on_ranks
-from tolerances import approx_across, assert_close_across, network_reduction_size
+from tests.tolerances import approx_across, assert_close_across, network_reduction_size
 
 pytestmark = pytest.mark.multirank
 STEPS = 6

@@ -18,7 +18,7 @@ from edlm_dist.data.synthetic import SyntheticLanguage
 from edlm_dist.errors import CheckpointError, ConfigError, DataError
 from edlm_dist.evaluation.cli import cli_main
 from tests.spawn import run_on_ranks
-from tolerances import approx_across, network_reduction_size
+from tests.tolerances import approx_across, network_reduction_size
 
 LANG_CFG = SyntheticConfig(num_tokens=8, num_topics=2, branching=2, train_rows=8, valid_rows=24)
 SEQ_LEN = 12

@@ -21,7 +21,7 @@ from edlm_dist.evaluation.genppl import (
     exact_sequence_genppl,
     genppl_token_weights,
 )
-from tolerances import approx_across, network_reduction_size
+from tests.tolerances import approx_across, network_reduction_size
 
 EOS = 50256
 CONTEXT = 16  # tiny oracle context so truncation and chunking are exercised

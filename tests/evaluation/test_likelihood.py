@@ -28,7 +28,7 @@ from edlm_dist.evaluation.likelihood import (
 from edlm_dist.evaluation.run import evaluate_likelihood
 from edlm_dist.models.build import build_model
 from tests.spawn import run_on_ranks
-from tolerances import approx_across, assert_close_across, network_reduction_size
+from tests.tolerances import approx_across, assert_close_across, network_reduction_size
 
 F64 = torch.float64
 TINY = ModelConfig(hidden_size=16, n_blocks=1, n_heads=2, cond_dim=8, use_apex=False)

@@ -20,7 +20,7 @@ from tests.spawn import run_on_ranks
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from launchers import local  # noqa: E402
-from tolerances import assert_close_across, network_reduction_size  # noqa: E402
+from tests.tolerances import assert_close_across, network_reduction_size  # noqa: E402
 
 pytestmark = pytest.mark.multirank
 CONFIG = str(REPO / "configs" / "demo.yaml")

@@ -13,7 +13,7 @@ from edlm_dist.models.build import build_model
 from edlm_dist.parallel.sharded_state import full_state_dict
 
 from model_helpers import B, L, V, randomised, tiny, tokens  # noqa: E402
-from tolerances import assert_close_across, network_reduction_size  # noqa: E402
+from tests.tolerances import assert_close_across, network_reduction_size  # noqa: E402
 
 SIGMA_FEATURES = 256  # the sinusoidal features of sigma that the conditioning MLP reduces over
 

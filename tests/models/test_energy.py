@@ -10,7 +10,7 @@ from edlm_dist.errors import CheckpointError
 from edlm_dist.models.build import build_model
 
 from model_helpers import B, L, V, randomised, tiny, tokens  # noqa: E402
-from tolerances import assert_close_across, network_reduction_size  # noqa: E402
+from tests.tolerances import assert_close_across, network_reduction_size  # noqa: E402
 
 
 def test_energy_is_input_independent_at_init_and_nce_gets_a_gradient():

@@ -19,7 +19,7 @@ from edlm_dist.models.kv_cache import KVCache, run_blocks_cached
 from tests.spawn import run_on_ranks
 
 from model_helpers import L, V, randomised, tiny
-from tolerances import network_reduction_size, tolerance
+from tests.tolerances import network_reduction_size, tolerance
 
 CFG = tiny()
 TOL = tolerance(torch.float32, network_reduction_size(CFG, L, V))[0]  # ≈ 3.4e-5

@@ -28,7 +28,7 @@ from edlm_dist.parallel.sharded_state import (
     tp_group,
 )
 from tests.spawn import run_on_ranks
-from tolerances import network_reduction_size, tolerance
+from tests.tolerances import network_reduction_size, tolerance
 
 V, L, B, SEED = 37, 8, 2, 7
 TINY = ["model.hidden_size=32", "model.n_blocks=2", "model.n_heads=4", "model.cond_dim=16", "model.dropout=0.0"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from edlm_dist.objectives.subs import NEG_INF, gather_token_log_probs, subs_log_probs, suppress_mask_logit
-from tolerances import assert_close_across
+from tests.tolerances import assert_close_across
 
 
 def _setup():

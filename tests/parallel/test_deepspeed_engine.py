@@ -7,7 +7,7 @@ import torch
 
 from edlm_dist.config.load import load_config
 from tests.spawn import run_on_ranks
-from tolerances import assert_close_across
+from tests.tolerances import assert_close_across
 
 pytestmark = pytest.mark.multirank
 

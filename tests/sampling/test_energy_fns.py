@@ -21,7 +21,7 @@ from edlm_dist.parallel.sharded_state import load_full_state_dict
 from edlm_dist.sampling.energies import log_mu_at_candidates
 from edlm_dist.artifacts.weights import synthetic_language_for
 from edlm_dist.sampling.model_energies import AREnergy, NCEEnergy, OracleEnergy, build_energy
-from tolerances import assert_close_across, network_reduction_size
+from tests.tolerances import assert_close_across, network_reduction_size
 
 TINY = ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, dropout=0.0, use_apex=False)
 

@@ -30,7 +30,7 @@ from edlm_dist.sampling.importance import (
     resample_index,
 )
 from edlm_dist.sampling.mdlm import ddpm_update, move_chances, noise_removal, sampling_timesteps
-from tolerances import assert_close_across
+from tests.tolerances import assert_close_across
 
 LENGTH, MASK = 5, 4  # real tokens 0..3
 MU = torch.softmax(torch.randn(LENGTH, MASK, generator=torch.Generator().manual_seed(0), dtype=torch.float64), -1)

@@ -25,7 +25,7 @@ from edlm_dist.sampling.model_energies import AREnergy
 from edlm_dist.sampling.run import _batches
 from tests.spawn import run_on_ranks
 from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings, sample_batch
-from tolerances import approx_across, network_reduction_size
+from tests.tolerances import approx_across, network_reduction_size
 
 pytestmark = pytest.mark.multirank
 

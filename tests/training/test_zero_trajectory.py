@@ -9,7 +9,7 @@ from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import ModelConfig
 from tests.spawn import run_on_ranks
 
-from tolerances import approx_across, assert_close_across, network_reduction_size
+from tests.tolerances import approx_across, assert_close_across, network_reduction_size
 from training_helpers import tiny_overrides
 
 pytestmark = pytest.mark.multirank

@@ -1,8 +1,17 @@
-"""Run logging: console lines, a JSONL metrics file per run, and wandb.
+"""Run logging: console lines, a JSONL metrics file per run, a loss-curve PNG, and wandb.
 
 Only the main rank writes. wandb is ``disabled`` by default (tests, CI); ``offline`` writes under
 the run directory and needs no network; ``online`` falls back to offline when the service cannot
-be reached, so a training run never blocks on the network.
+be reached, so a training run never blocks on the network. The standard variables apply:
+``WANDB_MODE`` (disabled | offline | online, also dryrun / run) wins over ``logging.wandb_mode``,
+``WANDB_PROJECT`` and ``WANDB_NAME`` fill ``logging.wandb_project`` / ``run_name`` when those are left
+at their defaults, ``WANDB_DIR`` moves the wandb files (default: the run folder), and wandb itself reads
+the others (``WANDB_ENTITY``, ``WANDB_API_KEY``, ``WANDB_TAGS``, ``WANDB_RUN_GROUP``, ...).
+
+``metrics.jsonl`` holds one row per logged step. A run resumed from a checkpoint at step ``S`` first
+drops the rows after ``S`` (:meth:`MetricsLogger.rewind`: those steps are recomputed bit for bit), so
+a reader never sees a step twice; :func:`read_metrics` also keeps only the last row of a repeated
+``(step, keys)`` for files written before that.
 """
 
 from __future__ import annotations
@@ -17,8 +26,24 @@ from pathlib import Path
 from typing import Any, Optional
 
 from edlm_dist.config.schema import LoggingConfig
+from edlm_dist.errors import ConfigError
 
 METRICS_FILENAME = "metrics.jsonl"
+LOSS_CURVE_FILENAME = "loss_curve.png"
+WANDB_MODES = {"disabled": "disabled", "offline": "offline", "online": "online", "dryrun": "offline", "run": "online"}
+DEFAULT_PROJECT = LoggingConfig().wandb_project
+
+
+def wandb_settings(cfg: LoggingConfig, out_dir: str | os.PathLike, name: str) -> dict:
+    """``mode``, ``project``, ``name`` and ``dir`` for ``wandb.init``: the config, with the WANDB_* variables."""
+    mode = os.environ.get("WANDB_MODE", "").strip().lower() or cfg.wandb_mode
+    if mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={mode!r} is not a wandb mode; use disabled, offline or online")
+    project = cfg.wandb_project if cfg.wandb_project != DEFAULT_PROJECT else os.environ.get("WANDB_PROJECT",
+                                                                                             DEFAULT_PROJECT)
+    return {"mode": WANDB_MODES[mode], "project": project,
+            "name": cfg.run_name or os.environ.get("WANDB_NAME") or name,
+            "dir": os.environ.get("WANDB_DIR") or str(out_dir)}
 
 
 def console_logger(name: str = "edlm") -> logging.Logger:
@@ -52,22 +77,33 @@ class MetricsLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if cfg.wandb_mode != "disabled":
-            self._wandb = self._start_wandb(out_dir, cfg, run_config, name)
+        settings = wandb_settings(cfg, out_dir, name)
+        if settings["mode"] != "disabled":
+            self._wandb = self._start_wandb(settings, run_config)
 
-    def _start_wandb(self, out_dir, cfg: LoggingConfig, run_config, name):
+    def _start_wandb(self, settings: dict, run_config):
         import wandb
 
-        os.environ.setdefault("WANDB_DIR", str(out_dir))
-        mode = cfg.wandb_mode
-        settings = wandb.Settings(init_timeout=30, silent=True)
+        Path(settings["dir"]).mkdir(parents=True, exist_ok=True)
+        quiet = wandb.Settings(init_timeout=30, silent=True)
         try:
-            return wandb.init(project=cfg.wandb_project, name=cfg.run_name or name, mode=mode,
-                              dir=str(out_dir), config=run_config, settings=settings, reinit="finish_previous")
+            return wandb.init(**settings, config=run_config, settings=quiet, reinit="finish_previous")
         except Exception as exc:  # no network / no login: keep training, keep the metrics offline
-            self.console.warning("wandb %s failed (%s); continuing with wandb offline", mode, str(exc).splitlines()[0])
-            return wandb.init(project=cfg.wandb_project, name=cfg.run_name or name, mode="offline",
-                              dir=str(out_dir), config=run_config, settings=settings, reinit="finish_previous")
+            self.console.warning("wandb %s failed (%s); continuing with wandb offline", settings["mode"],
+                                 str(exc).splitlines()[0])
+            return wandb.init(**{**settings, "mode": "offline"}, config=run_config, settings=quiet,
+                              reinit="finish_previous")
+
+    def rewind(self, step: int) -> None:
+        """Drop the rows after ``step`` (a resumed run logs those steps again); atomic rewrite."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+        if len(kept) != len(lines):
+            temp = self.path.with_suffix(".jsonl.tmp")
+            temp.write_text("".join(line + "\n" for line in kept))
+            os.replace(temp, self.path)
 
     def log(self, metrics: dict[str, Any], step: int, *, console: bool = True) -> None:
         if not self.enabled:
@@ -89,7 +125,50 @@ class MetricsLogger:
 
 
 def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
+    """The rows of ``metrics.jsonl`` in order; of rows repeating a ``(step, keys)`` only the last is kept."""
     path = Path(out_dir) / METRICS_FILENAME
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    last = {(row.get("step"), tuple(sorted(k for k in row if k != "time"))): i for i, row in enumerate(rows)}
+    return [row for i, row in enumerate(rows) if i in set(last.values())]
+
+
+def progress_line(step: int, total: int, metrics: dict[str, Any]) -> str:
+    """One console line: ``step 200/600  loss 2.3456  val 2.4012  lr 3.0e-04  grad 0.812  14.2k tok/s``."""
+    parts = [f"step {step}/{total}"]
+    for key, label, spec in (("loss", "loss", ".4f"), ("val_loss", "val", ".4f"), ("lr", "lr", ".1e"),
+                             ("grad_norm", "grad", ".3g")):
+        if isinstance(metrics.get(key), (int, float)):
+            parts.append(f"{label} {metrics[key]:{spec}}")
+    if isinstance(metrics.get("tokens_per_s"), (int, float)):
+        parts.append(f"{metrics['tokens_per_s'] / 1e3:.1f}k tok/s")
+    return "  ".join(parts)
+
+
+def plot_loss_curve(out_dir: str | os.PathLike, title: str = "") -> Optional[Path]:
+    """``loss_curve.png``: training and validation loss against the step; None when nothing was logged."""
+    rows = read_metrics(out_dir)
+    train = [(r["step"], r["loss"]) for r in rows if isinstance(r.get("loss"), (int, float))]
+    valid = [(r["step"], r["val_loss"]) for r in rows if isinstance(r.get("val_loss"), (int, float))]
+    if not train and not valid:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for points, label, style in ((train, "train loss", "-"), (valid, "validation loss (EMA)", "o-")):
+        if points:
+            ax.plot(*zip(*points), style, label=label, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(title or Path(out_dir).name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out_dir) / LOSS_CURVE_FILENAME
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

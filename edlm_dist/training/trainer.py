@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,7 +34,7 @@ from edlm_dist.parallel.deepspeed_engine import build_engine, resolve_precision
 from edlm_dist.parallel.runtime import ParallelContext, data_seed, init_parallel
 from edlm_dist.parallel.sharded_state import gathered_parameters, grad_norm
 from edlm_dist.training.ema import EMA
-from edlm_dist.training.metrics_logger import MetricsLogger, console_logger
+from edlm_dist.training.metrics_logger import MetricsLogger, console_logger, plot_loss_curve, progress_line
 from edlm_dist.training.objective_steps import Objective, build_objective
 
 VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
@@ -211,8 +212,10 @@ class Trainer:
     def _train(self, stop_after: Optional[int]) -> dict:
         cfg = self.cfg.train
         self.resume_if_possible()
+        self.metrics.rewind(self.step)  # rows logged after the checkpoint are logged again, identically
         if self.ctx.is_main:  # after the checkpoint check: a refused config must not replace the run's config.yaml
             save_config(self.cfg, self.out)
+        started, first_step = time.perf_counter(), self.step
         self.engine.train()
         batches = iter(self.loader)
         target = cfg.steps if stop_after is None else min(cfg.steps, self.step + stop_after)
@@ -226,7 +229,8 @@ class Trainer:
             self.step += 1
             self._update_ema()
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == target:
+            logged = self.step % cfg.log_every == 0 or self.step == target
+            if logged:
                 elapsed = time.perf_counter() - tick
                 last = self._step_metrics(torch.stack(losses).mean(), elapsed / (self.step - tick_step),
                                           tokens_per_step)
@@ -237,6 +241,9 @@ class Trainer:
                 val = self.validate()
                 self.metrics.log({"val_loss": val}, self.step, console=False)
                 last["val_loss"] = val
+                logged = True
+            if logged and self.ctx.is_main:  # a console line per log/validation step, above the progress bar
+                bar.write(progress_line(self.step, cfg.steps, last), file=sys.stderr)
             signum = self._preemption_requested()
             if self.step % cfg.save_every == 0 or self.step == target or signum:
                 self.save()
@@ -245,8 +252,23 @@ class Trainer:
                 raise Preempted(self.step, signum)
         bar.close()
         if self.step >= cfg.steps:
-            self.export()
+            weights = self.export()
+            if self.ctx.is_main:
+                self._summary(weights, time.perf_counter() - started, self.step - first_step,
+                              tokens_per_step, last)
         return last
+
+    def _summary(self, weights: Path, seconds: float, steps: int, tokens_per_step: int, last: dict) -> None:
+        """The end-of-run lines: what was trained, how fast, the final losses, and where the weights are."""
+        curve = plot_loss_curve(self.out, title=f"{self.cfg.train.objective} ({self.objective.model_kind})")
+        tokens = steps * tokens_per_step
+        losses = "  ".join(f"{label} {last[key]:.4f}" for key, label in (("loss", "loss"), ("val_loss", "val"))
+                           if isinstance(last.get(key), float))
+        self.log.info("trained %s for %d steps (%d this run) in %.0f s: %s tokens, %.1fk tokens/s; final %s",
+                      self.cfg.train.objective, self.step, steps, seconds, f"{tokens:,}",
+                      tokens / max(seconds, 1e-9) / 1e3, losses or "-")
+        self.log.info("weights: %s (EMA: %s)  metrics: %s  loss curve: %s", weights,
+                      "yes" if self.ema.enabled else "no", self.metrics.path, curve)
 
     def _update_ema(self) -> None:
         if not self.ema.enabled:

@@ -2,16 +2,18 @@
 
     python launchers/local.py CONFIG --out DIR --nproc N [key=value ...]
 
-A minimal ``torchrun --standalone``: N children ``python -m edlm_dist.cli train CONFIG --out DIR ...``
-with RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT set, which
-:func:`edlm_dist.parallel.runtime.init_parallel` reads (gloo on CPU, NCCL on GPU; one GPU per
-LOCAL_RANK). The config is validated for N processes before anything starts.
+The processes are started by ``torch.distributed.run`` (torchrun's elastic agent, ``--standalone``):
+it spawns N ranks with RANK / LOCAL_RANK / WORLD_SIZE / LOCAL_WORLD_SIZE / MASTER_ADDR / MASTER_PORT,
+which :func:`edlm_dist.parallel.runtime.init_parallel` reads (gloo on CPU, NCCL on GPU; one GPU per
+LOCAL_RANK), and stops the others when one fails. This file adds only our semantics on top. The config
+is validated for N processes before anything starts.
 
-* SIGTERM / SIGUSR1 sent to the launcher go to every rank: the trainer checkpoints after the
-  current step and the ranks exit with ``REQUEUE_EXIT_CODE`` (3), which the launcher returns —
-  rerun the same command to resume.
-* A rank that fails takes the others down (SIGTERM, then SIGKILL after a grace period) instead
-  of leaving them blocked in a collective; the launcher returns the failing rank's exit code.
+* SIGTERM / SIGUSR1 sent to the launcher go to every rank (torchrun's ``--signals-to-handle``): the
+  trainer checkpoints after the current step and the ranks exit with ``REQUEUE_EXIT_CODE`` (3), which
+  the launcher returns -- rerun the same command to resume. Ranks get ``SHUTDOWN_TIMEOUT_S`` to finish
+  that step and write the checkpoint before torchrun sends SIGKILL.
+* A rank that fails takes the others down; the launcher returns the exit code of the rank that failed
+  first (torchrun's root cause), not torchrun's own 1.
 """
 
 from __future__ import annotations
@@ -19,10 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -32,23 +31,7 @@ if __package__ in (None, ""):  # `python launchers/local.py`: make `edlm_dist` i
 from edlm_dist.errors import REQUEUE_EXIT_CODE, ConfigError, EdlmError
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # the trainer's "checkpoint and stop" signals
-GRACE_S = 5.0  # after a rank failed: time the others get to exit on SIGTERM before SIGKILL
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def rank_environment(rank: int, nproc: int, port: int, base: Optional[dict] = None) -> dict[str, str]:
-    """The torchrun variables for local rank ``rank`` of ``nproc`` (single node: global == local)."""
-    env = dict(os.environ if base is None else base)
-    env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    # N ranks share the node's cores; without this each would start one thread per core.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return env
+SHUTDOWN_TIMEOUT_S = 120  # a signalled or orphaned rank's time to finish its step and checkpoint before SIGKILL
 
 
 def combined_exit_code(codes: Sequence[int]) -> int:
@@ -59,48 +42,36 @@ def combined_exit_code(codes: Sequence[int]) -> int:
     return REQUEUE_EXIT_CODE if REQUEUE_EXIT_CODE in codes else 0
 
 
-def _stop(procs: list[subprocess.Popen], grace_s: float) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(p.poll() is None for p in procs):
-        time.sleep(0.05)
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+def torchrun_arguments(command: Sequence[str], nproc: int, *, shutdown_timeout_s: int) -> list[str]:
+    """``torch.distributed.run`` arguments that run ``command`` (an executable and its arguments) N times."""
+    signals = ",".join(["SIGINT", *(signal.Signals(s).name for s in FORWARDED_SIGNALS)])
+    return ["--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0", f"--signals-to-handle={signals}",
+            f"--shutdown-timeout={shutdown_timeout_s}", "--no-python", *command]
 
 
-def launch(command: Sequence[str], nproc: int, *, port: Optional[int] = None, grace_s: float = GRACE_S,
-           env: Optional[dict] = None) -> int:
-    """Run ``command`` as ranks 0..nproc-1 and return the combined exit code (see :func:`combined_exit_code`)."""
+def launch(command: Sequence[str], nproc: int, *, shutdown_timeout_s: int = SHUTDOWN_TIMEOUT_S) -> int:
+    """Run ``command`` as ranks 0..nproc-1 under torchrun's agent; return our exit code (module docstring)."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import elastic_launch
+    from torch.distributed.run import config_from_args, get_args_parser
+
     if nproc < 1:
         raise ConfigError(f"--nproc must be >= 1 (got {nproc})")
-    port = port or free_port()
-    procs = [subprocess.Popen(list(command), env=rank_environment(r, nproc, port, env)) for r in range(nproc)]
-
-    def forward(signum, _frame):
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    # N ranks share the node's cores; without this each would start one thread per core (torchrun: 1).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    args = get_args_parser().parse_args(torchrun_arguments(command, nproc, shutdown_timeout_s=shutdown_timeout_s))
+    args.rdzv_backend, args.rdzv_endpoint, args.rdzv_id = "c10d", "localhost:0", f"edlm-local-{os.getpid()}"
+    config, entrypoint, entry_args = config_from_args(args)
     try:
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c is not None and c not in (0, REQUEUE_EXIT_CODE)]
-            if failed:  # peers of a dead rank would wait in a collective until the timeout
-                _stop(procs, grace_s)
-                return failed[0]
-            if all(c is not None for c in codes):
-                return combined_exit_code(codes)
-            time.sleep(0.1)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if any(p.poll() is None for p in procs):  # KeyboardInterrupt or another error in the launcher
-            _stop(procs, grace_s)
+        elastic_launch(config=config, entrypoint=entrypoint)(*entry_args)
+        return 0
+    except ChildFailedError as err:
+        _, first = err.get_first_failure()
+        codes = [first.exitcode] + [f.exitcode for f in err.failures.values() if f is not first]
+        return combined_exit_code(codes)
+    except SignalException as err:  # the ranks got the signal too: they checkpointed and stopped
+        return REQUEUE_EXIT_CODE if err.sigval in FORWARDED_SIGNALS else 128 + int(err.sigval)
 
 
 def edlm_command(subcommand: str, config: str, out: str, overrides: Sequence[str]) -> list[str]:

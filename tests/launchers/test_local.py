@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -136,9 +139,43 @@ def test_a_failing_rank_takes_its_peers_down(tmp_path):
     script = tmp_path / "fail.py"
     script.write_text(FAILING_RANKS)
     pid_file = tmp_path / "rank0.pid"
-    assert local.launch([sys.executable, str(script), str(pid_file)], 2, grace_s=1.0) == 7
+    assert local.launch([sys.executable, str(script), str(pid_file)], 2, shutdown_timeout_s=1) == 7
     with pytest.raises(ProcessLookupError):  # rank 0 was stopped and reaped, not left sleeping
         os.kill(int(pid_file.read_text()), 0)
+
+
+PREEMPTED_RANKS = textwrap.dedent("""
+    import os, signal, sys, time
+    def checkpoint_and_stop(signum, frame):  # what the trainer does: finish the step, checkpoint, exit 3
+        open(os.path.join(sys.argv[1], "rank" + os.environ["RANK"] + "." + signal.Signals(signum).name), "w").close()
+        sys.exit(3)
+    signal.signal(signal.SIGUSR1, checkpoint_and_stop)
+    signal.signal(signal.SIGTERM, checkpoint_and_stop)
+    open(os.path.join(sys.argv[1], "ready" + os.environ["RANK"]), "w").close()
+    time.sleep(600)
+""")
+
+DRIVER = "import sys; from launchers import local; sys.exit(local.launch(sys.argv[1:], 2, shutdown_timeout_s=30))"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_signal_reaches_every_rank_and_the_launcher_returns_the_requeue_code(tmp_path, signum):
+    script = tmp_path / "ranks.py"
+    script.write_text(PREEMPTED_RANKS)
+    launcher = subprocess.Popen([sys.executable, "-c", DRIVER, sys.executable, str(script), str(tmp_path)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"ready{r}").exists() for r in (0, 1)):
+            assert time.monotonic() < deadline and launcher.poll() is None, launcher.stderr.read()
+            time.sleep(0.05)
+        launcher.send_signal(signum)
+        assert launcher.wait(timeout=60) == local.REQUEUE_EXIT_CODE
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    name = signal.Signals(signum).name
+    assert (tmp_path / f"rank0.{name}").exists() and (tmp_path / f"rank1.{name}").exists()
 
 
 def test_layout_errors_are_refused_before_spawning(data_dir, tmp_path, capsys):

@@ -3,6 +3,8 @@ loss-curve PNG; metrics.jsonl holds each step once after a resume; WANDB_* varia
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 
@@ -11,45 +13,48 @@ import pytest
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import LoggingConfig
 from edlm_dist.errors import ConfigError
-from edlm_dist.training.metrics_logger import MetricsLogger, read_metrics, wandb_settings
+from edlm_dist.parallel.spawn import run_on_ranks
+from edlm_dist.training.metrics_logger import MetricsLogger, console_logger, read_metrics, wandb_settings
 from edlm_dist.training.trainer import Trainer
 
 from training_helpers import tiny_overrides
 
 
-def _trainer(data, out, **extra):
+def _train(data, out, stop_after=None, **extra) -> str:
+    """One training run in a forked rank (the test process must not initialise torch.distributed);
+    returns what it printed on the console."""
     cfg = load_config(None, tiny_overrides(data, **{"train.steps": 4, "train.log_every": 2, "train.val_every": 4,
                                                     "train.val_batches": 1, **extra}))
-    return Trainer(cfg, out)
+    console = io.StringIO()
+    handler = logging.StreamHandler(console)
+    console_logger().addHandler(handler)  # the trainer's console logger, also writing here
+    try:
+        with contextlib.redirect_stderr(console):
+            trainer = Trainer(cfg, out)
+            try:
+                trainer.train(stop_after=stop_after)
+            finally:
+                trainer.close()
+    finally:
+        logging.getLogger("edlm").removeHandler(handler)
+    return console.getvalue()
 
 
-def test_console_lines_summary_and_loss_curve(synthetic_data, tmp_path, capsys, caplog):
-    trainer = _trainer(synthetic_data, tmp_path / "run")
-    with caplog.at_level(logging.INFO, logger="edlm"):
-        logging.getLogger("edlm").propagate = True  # let caplog see the console logger
-        try:
-            trainer.train()
-        finally:
-            logging.getLogger("edlm").propagate = False
-            trainer.close()
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+def test_console_lines_summary_and_loss_curve(synthetic_data, tmp_path):
+    (printed,) = run_on_ranks(_train, 1, str(synthetic_data), str(tmp_path / "run"))
+    lines = [line for line in printed.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
     assert "loss " in lines[0] and "tok/s" in lines[0] and "val " in lines[1]
-    summary = "\n".join(r.getMessage() for r in caplog.records)
-    assert "trained mdlm for 4 steps" in summary and str(tmp_path / "run" / "weights") in summary
+    assert "trained mdlm for 4 steps" in printed and str(tmp_path / "run" / "weights") in printed
     assert (tmp_path / "run" / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resumed_run_logs_each_step_once(synthetic_data, tmp_path):
     out = tmp_path / "run"
-    first = _trainer(synthetic_data, out, **{"train.log_every": 1})
-    first.train(stop_after=2)  # checkpoint at step 2
-    first.close()
+    run_on_ranks(_train, 1, str(synthetic_data), str(out), 2, **{"train.log_every": 1})  # checkpoint at step 2
     with (out / "metrics.jsonl").open("a") as handle:  # a killed run had logged step 3 after that checkpoint
         handle.write(json.dumps({"step": 3, "time": 0.0, "loss": 123.0}) + "\n")
-    resumed = _trainer(synthetic_data, out, **{"train.log_every": 1})
-    resumed.train()
-    resumed.close()
+    run_on_ranks(_train, 1, str(synthetic_data), str(out), **{"train.log_every": 1})
     rows = read_metrics(out)
     train_steps = [r["step"] for r in rows if "loss" in r]
     assert train_steps == [1, 2, 3, 4] and 123.0 not in [r["loss"] for r in rows if "loss" in r]

@@ -160,6 +160,9 @@ def validate_config(cfg: RunConfig) -> None:
     _check(cfg.eval.n_negatives >= 1, "eval.n_negatives must be >= 1")
     _one_of(cfg.logging.wandb_mode, ["disabled", "offline", "online"], "logging.wandb_mode")
     _check(all(n >= 1 for n in cfg.pipeline.step_counts), "pipeline.step_counts must all be >= 1")
+    for method in cfg.pipeline.methods:
+        _one_of(method, ["mdlm", "edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle"], "pipeline.methods entry")
+    _check(1 <= cfg.eval.judge_order <= 10, f"eval.judge_order must be in [1, 10] (got {cfg.eval.judge_order})")
 
 
 def validate_world(cfg: RunConfig, world_size: int, *, training: bool = True) -> int:

@@ -53,6 +53,7 @@ class SyntheticConfig:
 class DataConfig:
     dir: str = ""  # prepared dataset: a folder, an http(s):// URL or a pipe: command with {} (docs/data.md)
     source: str = "synthetic"  # synthetic | text | jsonl | hf | text8 | pydoc (CPython's help topics)
+    input: str = ""  # text/jsonl/text8: the input file; hf: a save_to_disk folder (edlm pipeline prepares it)
     tokenizer: str = "synthetic"  # synthetic | char | byte | gpt2 | text8 | hf:NAME | a tokenizer folder
     tokenizer_vocab: int = 0  # char/byte learnt from the training text: 0 = every char / the 256 bytes; else the size
     max_unk_rate: float = 0.01  # prepare-data refuses a split with a larger share of [UNK] tokens (1.0: accept any)
@@ -159,7 +160,8 @@ def window_interval(window: Any, name: str = "window") -> tuple[float, float]:
 class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["ppl", "genppl", "entropy"])
     samples: list[str] = field(default_factory=list)  # sample JSONL files; empty: sample on the fly
-    oracle: str = "exact"  # exact (synthetic language) | path to a local HF causal LM
+    oracle: str = "exact"  # exact (synthetic language) | ngram (fitted on the validation text) | an HF causal LM
+    judge_order: int = 5  # eval.oracle=ngram: n-gram order of the Kneser-Ney judge
     oracle_batch_size: int = 8
     n_negatives: int = 16  # Theorem-1 partition estimates
     batch_size: int = 16
@@ -172,6 +174,7 @@ class EvalConfig:
 
 @dataclass
 class PipelineConfig:
+    methods: list[str] = field(default_factory=lambda: ["mdlm", "edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle"])
     step_counts: list[int] = field(default_factory=lambda: [4, 8, 16])
     mdlm_steps: int = 300
     ar_steps: int = 300

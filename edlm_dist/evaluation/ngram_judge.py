@@ -25,6 +25,9 @@ import math
 from collections import Counter, defaultdict
 from typing import Iterable, Sequence
 
+import torch
+from torch import Tensor
+
 from edlm_dist.errors import ConfigError, DataError
 
 START = -1  # left padding: never a model id
@@ -42,6 +45,7 @@ class KneserNeyJudge:
         self.context_total: list[dict[tuple, int]] = [{} for _ in range(self.order + 1)]
         self.context_types: list[dict[tuple, int]] = [{} for _ in range(self.order + 1)]
         self.fitted_tokens = 0
+        self.name = f"kneser-ney {self.order}-gram (held-out text)"
 
     def _padded(self, row: Sequence[int]) -> tuple[int, ...]:
         return (START,) * (self.order - 1) + tuple(int(t) for t in row)
@@ -97,6 +101,13 @@ class KneserNeyJudge:
                 raise DataError(f"token id {token} is outside the judge's vocabulary [0, {self.vocab_size})")
             nll -= math.log(self.prob(padded[i - self.order + 1 : i], token))
         return nll, max(len(row) - 1, 0)
+
+    def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
+        """The Gen-PPL oracle interface: per sample row (``{"tokens": [...]}``), NLL in nats summed over its
+        scored tokens and their number, float64 (n,) each."""
+        scored = [self.row_nll(row["tokens"]) for row in rows]
+        return (torch.tensor([nll for nll, _ in scored], dtype=torch.float64),
+                torch.tensor([count for _, count in scored], dtype=torch.float64))
 
     def gen_ppl(self, rows: Iterable[Sequence[int]]) -> float:
         """exp(total NLL / total scored tokens): the token-weighted Gen PPL of ``rows`` under the judge."""

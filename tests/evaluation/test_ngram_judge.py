@@ -84,5 +84,7 @@ def test_gen_ppl_prefers_text_like_the_held_out_text():
     assert math.exp(entropy_rate) * 0.9 < like < math.exp(entropy_rate) * 1.3 < unlike
     row_nll, scored = judge.row_nll([0, 1, 2])
     assert scored == 2 and row_nll == pytest.approx(-math.log(judge.prob((START, 0), 1) * judge.prob((0, 1), 2)))
+    nll, counts = judge.score_rows([{"tokens": [0, 1, 2]}, {"tokens": [0]}])  # the sample-file oracle interface
+    assert nll.tolist() == [row_nll, 0.0] and counts.tolist() == [2.0, 0.0]
     with pytest.raises(DataError, match="outside the judge's vocabulary"):
         judge.row_nll([0, 7])

@@ -85,7 +85,7 @@ RANK_DUMP = textwrap.dedent("""
     import sys
     from safetensors.torch import save_file
     from edlm_dist.config.load import load_config
-    from edlm_dist.models.layers import full_state_dict
+    from edlm_dist.parallel.sharded_state import full_state_dict
     from edlm_dist.parallel.runtime import shutdown_parallel
     from edlm_dist.training.trainer import Trainer
 

@@ -13,7 +13,7 @@ import pytest
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import LoggingConfig
 from edlm_dist.errors import ConfigError
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 from edlm_dist.training.metrics_logger import MetricsLogger, console_logger, read_metrics, wandb_settings
 from edlm_dist.training.trainer import Trainer
 

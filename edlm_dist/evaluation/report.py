@@ -88,7 +88,9 @@ def plot_frontier(results: Mapping[str, Sequence[Mapping]], path) -> str:
     (a missing/None value drops that point from the panel that needs it). Returns the PNG path.
     """
     fig, (by_steps, by_time) = _new_figure(2)
-    _draw(by_steps, _points(results, "steps", "gen_ppl"), "sampling steps T", "Gen PPL", log_x=True)
+    by_step_points = _points(results, "steps", "gen_ppl")
+    _draw(by_steps, by_step_points, "sampling steps T", "Gen PPL (log)", log_x=True, log_y=True)
+    label_steps(by_steps, sorted({x for pairs in by_step_points.values() for x, _ in pairs}))
     timed = _points(results, "seconds_per_sample", "gen_ppl")
     # A method without timings (e.g. an AR number copied from the paper) becomes a dashed
     # reference line, like the AR line of the paper's figure.
@@ -99,8 +101,16 @@ def plot_frontier(results: Mapping[str, Sequence[Mapping]], path) -> str:
                     by_time.axhline(
                         float(point["gen_ppl"]), linestyle="--", color="gray", label=f"{method} (reference)"
                     )
-    _draw(by_time, timed, "seconds / sample", "Gen PPL", log_x=True)
+    _draw(by_time, timed, "seconds / sample (log)", "Gen PPL (log)", log_x=True, log_y=True)
     return _save(fig, path)
+
+
+def label_steps(ax, steps: Sequence[float]) -> None:
+    """One tick per step count actually run, labelled ``T=4``, ``T=8``, ... (no crowded powers of ten)."""
+    if not steps:
+        return
+    ax.set_xticks(list(steps), [f"T={int(t)}" for t in steps])
+    ax.minorticks_off()
 
 
 def plot_entropy_vs_genppl(results: Mapping[str, Sequence[Mapping]], path) -> str:
@@ -230,14 +240,26 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- `edlm pipeline` report
-def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, settings_line: str) -> None:
+def _with_interval(row: Mapping, key: str) -> Optional[str]:
+    """``12.34 [11.02, 13.90]`` when the row carries ``<key>_interval``, else the bare value."""
+    interval = row.get(f"{key}_interval")
+    if isinstance(interval, Mapping):
+        return f"{interval['estimate']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+    return _fmt(row.get(key))
+
+
+def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, settings_line: str, *,
+                          title: str = "EDLM vs MDLM on the synthetic language (exact oracle)",
+                          data_label: str = "data (exact)") -> None:
     """``results.md``, ``frontier.png`` and ``entropy_vs_genppl.png`` of a pipeline run."""
     curves = {m: results["methods"][m] for m in methods if m in results["methods"]}
     plot_frontier(curves, out / "frontier.png")
     plot_entropy_vs_genppl(curves, out / "entropy_vs_genppl.png")
     rows = [{"method": method, **row} for method, series in curves.items() for row in series]
-    rows.append({"method": "data (exact)", **results["data"]})
-    lines = ["# EDLM vs MDLM on the synthetic language (exact oracle)", "", settings_line, "",
+    rows.append({"method": data_label, **results["data"]})
+    for row in rows:
+        row["gen_ppl"], row["entropy"] = _with_interval(row, "gen_ppl"), _with_interval(row, "entropy")
+    lines = [f"# {title}", "", settings_line, "",
              markdown_table(rows, ["method", "steps", "gen_ppl", "nll_per_token", "entropy", "seconds_per_sample",
                                    "k", "window"]), ""]
     if "likelihood" in results:

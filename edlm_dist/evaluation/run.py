@@ -14,6 +14,7 @@ All input checks run before any process group or model is started.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from edlm_dist.artifacts.hf_export import META_FILE as HF_META_FILE
+from edlm_dist.artifacts.hf_export import read_export_meta
 from edlm_dist.artifacts.samples import read_samples_jsonl, samples_path
 from edlm_dist.artifacts.weights import EMA_FILE, load_trained_model, read_weights_meta, resolve_weights_dir
 from edlm_dist.config.load import config_to_dict
@@ -41,10 +44,18 @@ from edlm_dist.evaluation.likelihood import (
     summarize_likelihood,
 )
 from edlm_dist.evaluation.report import write_outputs
-from edlm_dist.evaluation.sample_metrics import ExactSyntheticOracle, HFOracle, data_reference, evaluate_sample_file
+from edlm_dist.evaluation.sample_metrics import (
+    ExactSyntheticOracle,
+    HFOracle,
+    data_reference,
+    evaluate_sample_file,
+    fit_ngram_judge,
+)
 from edlm_dist.parallel.collectives import all_reduce_float64
 from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
 from edlm_dist.sampling.run import run_sampling
+
+log = logging.getLogger("edlm.eval")
 
 
 @dataclass
@@ -74,8 +85,8 @@ def exact_language(data_dir: str | os.PathLike) -> SyntheticLanguage:
     """The exact oracle's language: the one that generated ``data_dir``; ConfigError for other data."""
     language = language_from_manifest(load_manifest(data_dir))
     if language is None:
-        raise ConfigError("eval.oracle=exact needs data prepared from the synthetic language; set "
-                          "eval.oracle to a local HF causal LM folder (e.g. gpt2-large) for text data")
+        raise ConfigError("eval.oracle=exact needs data prepared from the synthetic language; for text data set "
+                          "eval.oracle=ngram (a judge fitted on the held-out text) or a local HF causal LM folder")
     return language
 
 
@@ -109,7 +120,9 @@ def resolve_plan(cfg: RunConfig) -> EvalPlan:
             if not data_dir:
                 raise ConfigError("eval.oracle=exact needs the synthetic data's folder; set data.dir=<prepared data>")
             exact_language(data_dir)  # ConfigError for non-synthetic data
-        if "genppl" in metrics and e.oracle != "exact":
+        if "genppl" in metrics and e.oracle == "ngram" and not data_dir:
+            raise ConfigError("eval.oracle=ngram fits its judge on the validation text; set data.dir=<prepared data>")
+        if "genppl" in metrics and e.oracle not in ("exact", "ngram"):
             check_oracle_location(e.oracle)
         for path in plan.sample_files:
             read_samples_jsonl(path)  # parse errors surface now, with the line number
@@ -199,8 +212,32 @@ def _build_oracle(cfg: RunConfig, plan: EvalPlan, ctx, tokenizer):
     if cfg.eval.oracle == "exact":
         language = exact_language(plan.data_dir)
         return ExactSyntheticOracle(language), language
+    if cfg.eval.oracle == "ngram":
+        return fit_ngram_judge(plan.data_dir, cfg.eval.judge_order), None
+    warn_if_judge_is_not_independent(cfg.eval.oracle, plan.checkpoints, plan.data_dir)
     oracle = HFOracle(cfg.eval.oracle, device=ctx.device, batch_size=cfg.eval.oracle_batch_size, tokenizer=tokenizer)
     return oracle, None
+
+
+def warn_if_judge_is_not_independent(oracle: str, checkpoints: dict, data_dir: Optional[str]) -> Optional[str]:
+    """A Gen-PPL judge exported from our own AR run is EDLM's energy (circular) or at least saw the models'
+    training text: say so in a warning (returned too, for the results)."""
+    if not (Path(oracle) / HF_META_FILE).is_file():
+        return None
+    meta = read_export_meta(oracle)
+    message = None
+    ar = checkpoints.get("ar")
+    if ar and meta.get("kind") == "ar":
+        _, ar_meta = read_weights_meta(ar)
+        if ar_meta.get("step") == meta.get("step") and ar_meta.get("config") == meta.get("config"):
+            message = (f"eval.oracle {oracle} is EDLM's own AR energy (exported from the run {ar}): Gen PPL of "
+                       "EDLM-AR samples under it is circular; judge with eval.oracle=ngram or an independent model")
+    if message is None and data_dir and str((meta.get("config") or {}).get("data", {}).get("dir")) == str(data_dir):
+        message = (f"eval.oracle {oracle} was trained on the models' own training data ({data_dir}), so it is not an "
+                   "independent judge; judge with eval.oracle=ngram (fitted on held-out text) or an independent model")
+    if message:
+        log.warning("%s", message)
+    return message
 
 
 def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict], Optional[dict]]:

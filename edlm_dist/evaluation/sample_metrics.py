@@ -27,9 +27,11 @@ from torch import Tensor
 
 from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, sampler_setting
 from edlm_dist.data.loader import build_eval_loader
+from edlm_dist.data.shards import load_manifest
 from edlm_dist.errors import DataError
 from edlm_dist.evaluation.entropy import unigram_entropy_bits
 from edlm_dist.evaluation.genppl import GenPPLAccumulator, HFCausalLMOracle
+from edlm_dist.evaluation.ngram_judge import KneserNeyJudge
 from edlm_dist.parallel.collectives import all_reduce_float64
 
 METHOD_NAMES = {"ar": "EDLM-AR", "coar": "EDLM-coAR", "nce": "EDLM-NCE", "oracle": "EDLM-oracle"}
@@ -98,6 +100,14 @@ class HFOracle:
 
     def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
         return self.oracle.score_texts(self.texts(rows))
+
+
+def fit_ngram_judge(data_dir: str | Path, order: int) -> KneserNeyJudge:
+    """The independent real-text judge: a Kneser-Ney n-gram model fitted on the validation split only
+    (no model trains on it), in the data's own token ids."""
+    manifest = load_manifest(data_dir)
+    loader = build_eval_loader(data_dir, "valid", micro_batch=256, manifest=manifest)
+    return KneserNeyJudge(order, int(manifest["vocab_size"])).fit(row.tolist() for batch in loader for row in batch)
 
 
 # ------------------------------------------------------------------------------------- scores

@@ -3,11 +3,15 @@
 Stages (each writes into its own folder under DIR and is skipped when already complete, so a
 re-run reuses finished work and an interrupted one resumes):
 
-1. ``data/``      synthetic shards (the embedded exact-oracle language)
-2. ``mdlm/``, ``ar/``, ``nce/``  the three trained models (``edlm train`` runs; resumable)
-3. ``samples/<method>_T<steps>/``  MDLM and EDLM (AR, coAR, NCE, exact-oracle energies) samples
+1. ``data/``      the config's data: ``data.dir`` when set (used as it is), else ``data.source`` prepared
+                  here (the synthetic language, ``pydoc``, or ``data.input`` for text / jsonl / text8 / hf)
+2. ``mdlm/``, ``ar/``, ``nce/``  the trained models the methods need (``edlm train`` runs; resumable)
+3. ``samples/<method>_T<steps>/``  the ``pipeline.methods`` (MDLM; EDLM with AR, coAR, NCE, exact energies)
 4. ``likelihood.json``  validation likelihood: MDLM NELBO, AR NLL, EDLM-coAR, Theorem-1 bounds
-5. ``results.json``, ``results.md``, ``frontier.png``, ``entropy_vs_genppl.png``
+5. ``results.json``, ``results.md``, ``samples.md`` (decoded samples), ``frontier.png``, ``entropy_vs_genppl.png``
+
+The judge of Gen PPL is the exact language on synthetic data, and on real text the Kneser-Ney n-gram model
+fitted on the validation split only (``eval.oracle=ngram``): independent of the models and of EDLM's energy.
 """
 
 from __future__ import annotations
@@ -21,16 +25,27 @@ from typing import Any
 
 from edlm_dist.artifacts.files import write_json_atomic
 from edlm_dist.artifacts.provenance import git_commit
-from edlm_dist.artifacts.samples import read_sample_summary, samples_path, summary_path
+from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, samples_path, summary_path
 from edlm_dist.artifacts.weights import load_trained_model, synthetic_language_for, trained_step
 from edlm_dist.config.load import save_config
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.prepare import prepare_data
-from edlm_dist.data.shards import has_manifest
+from edlm_dist.data.shards import has_manifest, load_manifest, saved_tokenizer, validate_dataset
 from edlm_dist.errors import ConfigError
 from edlm_dist.evaluation.report import write_pipeline_report
-from edlm_dist.evaluation.run import exact_language, likelihood_metrics, load_likelihood_models
-from edlm_dist.evaluation.sample_metrics import ExactSyntheticOracle, data_reference, score_sample_file
+from edlm_dist.evaluation.run import (
+    exact_language,
+    likelihood_metrics,
+    load_likelihood_models,
+    warn_if_judge_is_not_independent,
+)
+from edlm_dist.evaluation.sample_metrics import (
+    ExactSyntheticOracle,
+    HFOracle,
+    data_reference,
+    fit_ngram_judge,
+    score_sample_file,
+)
 from edlm_dist.parallel.runtime import init_parallel
 from edlm_dist.sampling.model_energies import ENERGIES, build_energy
 from edlm_dist.sampling.engine import ModelDenoiser
@@ -41,6 +56,8 @@ log = logging.getLogger("edlm.pipeline")
 RESULTS_FILE, LIKELIHOOD_FILE = "results.json", "likelihood.json"
 RUN_NAMES = ("mdlm", "ar", "nce")  # the trained models' folders under OUT
 
+SAMPLES_REPORT = "samples.md"
+METHOD_MODELS = {"mdlm": (), "edlm-ar": ("ar",), "edlm-coar": ("ar",), "edlm-nce": ("nce",), "edlm-oracle": ()}
 METHODS = {  # name -> (sampler, energy)
     "mdlm": ("mdlm", None),
     "edlm-ar": ("edlm", "ar"),
@@ -50,18 +67,32 @@ METHODS = {  # name -> (sampler, energy)
 }
 
 
-def prepare_stage(cfg: RunConfig, out: Path) -> Path:
+def prepare_stage(cfg: RunConfig, out: Path) -> str:
+    """The run's data: ``data.dir`` as given, else ``data.source`` prepared into OUT/data (never a silent
+    substitute: a folder prepared from another source or tokenizer is refused)."""
+    d = cfg.data
+    if d.dir:
+        validate_dataset(d.dir, seq_len=d.seq_len, vocab_size=d.vocab_size or None, check_contents=False)
+        log.info("data: %s (data.dir)", d.dir)
+        return d.dir
     data_dir = out / "data"
+    spec = "synthetic" if d.source == "synthetic" else d.tokenizer
     if has_manifest(data_dir):
+        manifest = load_manifest(data_dir)
+        if (manifest["source"].get("name"), manifest.get("tokenizer_spec")) != (d.source, spec):
+            raise ConfigError(f"{data_dir} holds {manifest['source'].get('name')} data tokenized with "
+                              f"{manifest.get('tokenizer_spec')}, but the config asks for data.source={d.source} with "
+                              f"data.tokenizer={spec}; use a new --out folder")
         log.info("data: reusing %s", data_dir)
-        return data_dir
-    prepare_data("synthetic", data_dir, seq_len=cfg.data.seq_len, tokenizer_spec="synthetic",
-                 synthetic_cfg=cfg.data.synthetic, seed=cfg.data.seed, shard_rows=cfg.data.shard_rows,
-                 progress=cfg.logging.progress, overwrite=True)
-    return data_dir
+        return str(data_dir)
+    prepare_data(d.source, data_dir, seq_len=d.seq_len, tokenizer_spec=spec, wrap=d.wrap,
+                 synthetic_cfg=d.synthetic, seed=d.seed, shard_rows=d.shard_rows, input_path=d.input or None,
+                 tokenizer_vocab=d.tokenizer_vocab, max_unk_rate=d.max_unk_rate, progress=cfg.logging.progress,
+                 overwrite=True)
+    return str(data_dir)
 
 
-def train_stage(cfg: RunConfig, data_dir: Path, run_dir: Path, objective: str, steps: int, **extra) -> Path:
+def train_stage(cfg: RunConfig, data_dir: str, run_dir: Path, objective: str, steps: int, **extra) -> Path:
     if trained_step(run_dir) == steps:
         log.info("train %s: reusing %s", objective, run_dir)
         return run_dir
@@ -90,43 +121,103 @@ def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, 
     s = stage.sample
     s.sampler, s.steps, s.num_samples = sampler, steps, cfg.pipeline.num_samples
     s.energy = energy or s.energy
-    s.diffusion_ckpt, s.ar_ckpt, s.energy_ckpt = str(runs["mdlm"]), str(runs["ar"]), str(runs["nce"])
+    s.diffusion_ckpt, s.ar_ckpt, s.energy_ckpt = (str(runs.get(name, "")) for name in ("mdlm", "ar", "nce"))
     return run_sampling(stage, folder)
 
 
-def sample_metrics(folder: Path, oracle: ExactSyntheticOracle) -> dict:
-    """Exact Gen PPL (token-weighted over the oracle's scored tokens), NLL per token, mean unigram entropy
-    in bits and seconds per sample of one sample folder (the evaluation API, under the pipeline's names)."""
+def pipeline_judge(cfg: RunConfig, data_dir: str) -> tuple[Any, str]:
+    """The Gen-PPL judge and its description: the exact language on synthetic data; on real text the
+    Kneser-Ney n-gram fitted on the validation split (``eval.oracle`` exact or ngram), or an HF causal LM."""
+    synthetic = load_manifest(data_dir)["source"].get("name") == "synthetic"
+    oracle = cfg.eval.oracle
+    if oracle == "exact" and synthetic:
+        return ExactSyntheticOracle(exact_language(data_dir)), "the exact language (synthetic data)"
+    if oracle in ("exact", "ngram"):
+        if oracle == "exact":
+            log.info("judge: real text has no exact oracle; using the n-gram judge fitted on held-out text")
+        judge = fit_ngram_judge(data_dir, cfg.eval.judge_order)
+        return judge, (f"a Kneser-Ney {judge.order}-gram fitted on the validation split only "
+                       f"({judge.fitted_tokens:,} tokens no model trained on)")
+    warn_if_judge_is_not_independent(oracle, {"ar": str(Path(data_dir).parent / "ar")}, data_dir)
+    return HFOracle(oracle, batch_size=cfg.eval.oracle_batch_size, tokenizer=saved_tokenizer(data_dir)), oracle
+
+
+def with_intervals(metrics: dict, scores: Any) -> dict:
+    """Add 95 % bootstrap intervals of Gen PPL and entropy over the samples.
+
+    HOOK: the bootstrap lives in ``evaluation/intervals.py`` (issue 14, helper ``lockci``); until that module is
+    on main the figures are reported without intervals (``*_interval`` keys absent) instead of with a copy of it.
+    """
+    try:
+        from edlm_dist.evaluation.intervals import RatioStatistic, bootstrap_interval
+    except ImportError:
+        return metrics
+    if scores.nll is not None:
+        metrics["gen_ppl_interval"] = bootstrap_interval(RatioStatistic.gen_ppl(scores.nll, scores.scored_tokens)).as_dict()
+    if scores.entropy_bits is not None:
+        metrics["entropy_interval"] = bootstrap_interval(RatioStatistic.mean(scores.entropy_bits)).as_dict()
+    return metrics
+
+
+def sample_metrics(folder: Path, oracle: Any) -> dict:
+    """Gen PPL under the judge (token-weighted over its scored tokens), NLL per token, mean unigram entropy in
+    bits and seconds per sample of one sample folder (the evaluation API, under the pipeline's names)."""
     _, scores = score_sample_file(samples_path(folder), oracle, entropy=True)
     m = scores.summary()
-    return {"gen_ppl": m["gen_ppl"], "nll_per_token": m["nll_per_token"],
-            "nll_per_token_stderr": m["nll_per_token_stderr"], "entropy": m["entropy_bits"],
-            "seconds_per_sample": m["seconds_per_sample"], "num_samples": m["num_samples"]}
+    return with_intervals({"gen_ppl": m["gen_ppl"], "nll_per_token": m["nll_per_token"],
+                           "nll_per_token_stderr": m["nll_per_token_stderr"], "entropy": m["entropy_bits"],
+                           "seconds_per_sample": m["seconds_per_sample"], "num_samples": m["num_samples"]}, scores)
 
 
-def data_values(cfg: RunConfig, data_dir: Path, oracle: ExactSyntheticOracle) -> dict:
-    """The language's own values: exact entropy rate as Gen PPL, and entropy of validation rows."""
-    ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples, language=oracle.language)
-    return {"gen_ppl": ref["entropy_rate_ppl"], "nll_per_token": ref["entropy_rate_nats"],
-            "nll_per_token_stderr": ref["entropy_rate_stderr"], "entropy": ref["entropy_bits"]}
+def data_values(cfg: RunConfig, data_dir: str, oracle: Any) -> dict:
+    """The data's own values. Synthetic: the exact entropy rate as Gen PPL, entropy of validation rows.
+    Real text: training rows under the judge (fitted on the validation rows, so these are unseen by it)."""
+    if isinstance(oracle, ExactSyntheticOracle):
+        ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples,
+                             language=oracle.language)
+        return {"gen_ppl": ref["entropy_rate_ppl"], "nll_per_token": ref["entropy_rate_nats"],
+                "nll_per_token_stderr": ref["entropy_rate_stderr"], "entropy": ref["entropy_bits"]}
+    ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples, split="train")
+    return {"gen_ppl": ref["gen_ppl"], "nll_per_token": ref["nll_per_token"],
+            "nll_per_token_stderr": ref["nll_per_token_stderr"], "entropy": ref["entropy_bits"]}
 
 
-def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: Path, out: Path) -> dict:
+def write_decoded_samples(cfg: RunConfig, out: Path, per_method: int = 3) -> Path:
+    """``samples.md``: the first decoded samples of every method at the largest step count."""
+    steps = max(cfg.pipeline.step_counts)
+    lines = [f"# Decoded samples (T={steps}, the first {per_method} of each method)", ""]
+    for method in cfg.pipeline.methods:
+        rows = read_samples_jsonl(samples_path(out / "samples" / f"{method}_T{steps}"))[:per_method]
+        lines += [f"## {method}", ""]
+        for row in rows:
+            text = row.get("text") if isinstance(row.get("text"), str) else " ".join(map(str, row["tokens"]))
+            lines += ["```text", text, "```", ""]
+    path = out / SAMPLES_REPORT
+    path.write_text("\n".join(lines))
+    return path
+
+
+def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: str, out: Path) -> dict:
     """MDLM NELBO, AR NLL, EDLM-coAR and Theorem-1 EDLM-AR/NCE bounds on the validation rows (EMA weights)."""
     path = out / LIKELIHOOD_FILE
     if path.is_file():
         return json.loads(path.read_text())
-    models, _ = load_likelihood_models({"dit": runs["mdlm"], "ar": runs["ar"], "energy": runs["nce"]})
+    kinds = {"mdlm": "dit", "ar": "ar", "nce": "energy"}
+    models, _ = load_likelihood_models({kinds[name]: path for name, path in runs.items()})
     result = likelihood_metrics(cfg, models, data_dir)
     write_json_atomic(path, result)
     return result
 
 
 def report(cfg: RunConfig, out: Path, results: dict) -> None:
+    exact = results["judge"].startswith("the exact language")
     settings_line = (f"k={cfg.sample.k}, window={cfg.sample.window}, {cfg.pipeline.num_samples} samples per cell, "
-                     f"sampling precision {cfg.sample.precision}, EMA weights. Gen PPL = exp(exact NLL per scored "
-                     "token).")
-    write_pipeline_report(results, list(METHODS), out, settings_line)
+                     f"sampling precision {cfg.sample.precision}, EMA weights. Judge: {results['judge']}. Gen PPL = "
+                     "exp(the judge's NLL per scored token); intervals: 95 % bootstrap over samples.")
+    title = ("EDLM vs MDLM on the synthetic language (exact oracle)" if exact else
+             f"EDLM vs MDLM on real text ({load_manifest(results['data_dir'])['source'].get('name')}), independent judge")
+    write_pipeline_report(results, list(cfg.pipeline.methods), out, settings_line, title=title,
+                          data_label="data (exact)" if exact else "real text (training rows)")
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
@@ -136,12 +227,18 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
     init_parallel(cfg)
     p = cfg.pipeline
     data_dir = prepare_stage(cfg, out)
+    oracle, judge = pipeline_judge(cfg, data_dir)
+    if "edlm-oracle" in p.methods and not isinstance(oracle, ExactSyntheticOracle):
+        raise ConfigError("pipeline.methods has edlm-oracle, which needs the synthetic language's exact energy; "
+                          "drop it for real text")
+    needed = {"mdlm"} | {model for method in p.methods for model in METHOD_MODELS[method]}
     runs = {"mdlm": train_stage(cfg, data_dir, out / "mdlm", "mdlm", p.mdlm_steps)}
-    runs["ar"] = train_stage(cfg, data_dir, out / "ar", "ar", p.ar_steps)
-    runs["nce"] = train_stage(cfg, data_dir, out / "nce", "nce", p.nce_steps, diffusion_ckpt=str(runs["mdlm"]))
-    oracle = ExactSyntheticOracle(exact_language(data_dir))
-    results: dict[str, Any] = {"methods": {}, "settings": _settings(cfg)}
-    for method in METHODS:
+    if "ar" in needed:
+        runs["ar"] = train_stage(cfg, data_dir, out / "ar", "ar", p.ar_steps)
+    if "nce" in needed:
+        runs["nce"] = train_stage(cfg, data_dir, out / "nce", "nce", p.nce_steps, diffusion_ckpt=str(runs["mdlm"]))
+    results: dict[str, Any] = {"methods": {}, "settings": _settings(cfg), "judge": judge, "data_dir": data_dir}
+    for method in p.methods:
         for steps in p.step_counts:
             summary = sample_stage(cfg, runs, out, method, steps)
             metrics = sample_metrics(out / "samples" / f"{method}_T{steps}", oracle)
@@ -154,6 +251,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
     results["likelihood"] = likelihood_stage(cfg, runs, data_dir, out)
     write_json_atomic(out / RESULTS_FILE, results)
     report(cfg, out, results)
+    write_decoded_samples(cfg, out)
     return results
 
 

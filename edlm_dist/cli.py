@@ -73,10 +73,37 @@ SUBCOMMANDS: dict[str, Subcommand] = {
 }
 
 
-def _add_run_arguments(parser: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    parser.add_argument("config", nargs=None if config_required else "?", help="YAML config file (e.g. configs/demo.yaml)")
+# The config sections each subcommand reads: `edlm <command> --help` lists their keys (config/describe.py).
+CONFIG_SECTIONS: dict[str, tuple[str, ...]] = {
+    "prepare-data": ("data", "logging"),
+    "train": ("model", "data", "parallel", "train", "logging"),
+    "sample": ("data", "parallel", "sample", "logging"),
+    "eval": ("data", "parallel", "sample", "eval", "logging"),
+    "pipeline": ("model", "data", "parallel", "train", "sample", "eval", "pipeline", "logging"),
+}
+OUT_HELP = {
+    "train": "run folder (created; the run resumes from it when it holds a checkpoint)",
+    "pipeline": "output folder (created; finished stages are reused and an interrupted one resumes)",
+    "sample": "output folder for samples.jsonl and summary.json (created; existing samples are replaced)",
+    "eval": "output folder for metrics.json and metrics.md (created; existing results are replaced)",
+}
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("config", help="YAML config file (e.g. configs/demo.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100 parallel.tp=2")
-    parser.add_argument("--out", required=True, help="output directory (created; a run resumes from it if it holds a checkpoint)")
+    parser.add_argument("--out", required=True, help=OUT_HELP[name])
+
+
+def _config_epilog(name: str) -> str | None:
+    """The keys (type, default, range, meaning) of the config sections ``name`` reads, from the schema."""
+    sections = CONFIG_SECTIONS.get(name)
+    if not sections:
+        return None
+    from edlm_dist.config.describe import describe_keys  # the schema only: no torch import for --help
+
+    return ("config keys (set in the YAML file or as key=value overrides; generated from "
+            "edlm_dist/config/schema.py):\n" + describe_keys(sections))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, command in SUBCOMMANDS.items():
-        p = sub.add_parser(name, help=command.help, description=command.help)
+        p = sub.add_parser(name, help=command.help, description=command.help, epilog=_config_epilog(name),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         if name == "prepare-data":
             p.add_argument("--source", required=True, choices=["synthetic", "text", "jsonl", "hf", "text8", "pydoc"],
                            help="pydoc: CPython's own help topics (465 KB of English, ships with Python)")
@@ -115,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--use-ema", action="store_true", default=True, help="export EMA weights (default)")
             p.add_argument("--no-ema", dest="use_ema", action="store_false", help="export the raw weights")
         else:
-            _add_run_arguments(p)
+            _add_run_arguments(p, name)
     return parser
 
 

@@ -30,7 +30,7 @@ from tokenizers import models as token_models
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from edlm_dist.artifacts import hf_models
-from edlm_dist.artifacts.weights import read_weights_meta, tokenizer_for, weights_file
+from edlm_dist.artifacts.weights import HF_EXPORT_META, read_weights_meta, tokenizer_for, weights_file
 from edlm_dist.artifacts.zero_to_fp32 import checkpoint_to_weights
 from edlm_dist.config.load import config_from_dict
 from edlm_dist.config.schema import RunConfig
@@ -38,7 +38,7 @@ from edlm_dist.data.learned_tokenizers import SPECIALS, LearnedTokenizer
 from edlm_dist.data.tokenizers import TEXT8_SPECIALS
 from edlm_dist.errors import CheckpointError, DataError
 
-META_FILE = "edlm_meta.json"
+META_FILE = HF_EXPORT_META
 
 
 # ----------------------------------------------------------------------------- weights

@@ -117,6 +117,41 @@ def ar_state_dict_to_hf(state: dict[str, torch.Tensor], model_cfg: ModelConfig,
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
+def ar_state_dict_from_hf(hf_state: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The inverse of :func:`ar_state_dict_to_hf`: edlm AR tensors from :class:`EdlmARForCausalLM` ones.
+
+    The zero LayerNorm biases are dropped; the mask row keeps weight 0 / bias -1e6, which gives the same
+    log-probabilities (``suppress_mask_logit`` overwrites that logit anyway)."""
+    h, heads = model_cfg.hidden_size, model_cfg.n_heads
+    out: dict[str, torch.Tensor] = {"vocab_embed.weight": hf_state["gpt_neox.embed_in.weight"]}
+    for i in range(model_cfg.n_blocks):
+        src, dst = f"gpt_neox.layers.{i}.", f"blocks.{i}."
+        qkv = hf_state[src + "attention.query_key_value.weight"].view(heads, 3, h // heads, h).transpose(0, 1)
+        out.update({
+            dst + "norm1.weight": hf_state[src + "input_layernorm.weight"], dst + "attn_qkv.weight": qkv.reshape(3 * h, h),
+            dst + "attn_out.weight": hf_state[src + "attention.dense.weight"],
+            dst + "norm2.weight": hf_state[src + "post_attention_layernorm.weight"],
+            dst + "mlp.0.weight": hf_state[src + "mlp.dense_h_to_4h.weight"],
+            dst + "mlp.0.bias": hf_state[src + "mlp.dense_h_to_4h.bias"],
+            dst + "mlp.2.weight": hf_state[src + "mlp.dense_4h_to_h.weight"],
+            dst + "mlp.2.bias": hf_state[src + "mlp.dense_4h_to_h.bias"],
+        })
+    out.update({"output_layer.norm_final.weight": hf_state["gpt_neox.final_layer_norm.weight"],
+                "output_layer.linear.weight": hf_state["lm_head.weight"],
+                "output_layer.linear.bias": hf_state["lm_head.bias"]})
+    return {k: v.contiguous().clone() for k, v in out.items()}
+
+
+def edlm_module_from_export(folder: str, kind: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The edlm state dict of an ``edlm export-hf`` folder, loaded through ``from_pretrained`` (a real HF round
+    trip: the tensors the HF classes hold are the ones sampling and evaluation then use)."""
+    register_auto_classes()
+    if kind == "ar":
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return ar_state_dict_from_hf(hf.state_dict(), model_cfg)
+    return AutoModel.from_pretrained(folder, dtype=torch.float32).model.state_dict()
+
+
 # ----------------------------------------------------------------------------- DiT / energy wrappers
 @strict
 class _EdlmWrappedConfig(PreTrainedConfig):

@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from edlm_dist.artifacts import hf_models
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.shards import TOKENIZER_DIR, has_manifest, load_manifest, saved_tokenizer
@@ -30,6 +31,7 @@ from edlm_dist.parallel.sharded_state import full_tensors, load_full_state_dict
 
 WEIGHTS_DIR = "weights"
 META_FILE = "meta.json"
+HF_EXPORT_META = "edlm_meta.json"  # the meta of an `edlm export-hf` folder (artifacts/hf_export.py)
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
 FORMAT_VERSION = 1
 
@@ -75,7 +77,17 @@ def resolve_weights_dir(path: str | os.PathLike) -> Path:
                           "pass the --out folder of a finished `edlm train` run")
 
 
+def is_hf_export(path: str | os.PathLike) -> bool:
+    """An ``edlm export-hf`` folder (``edlm_meta.json`` + HF files) rather than a weights folder."""
+    return (Path(path) / HF_EXPORT_META).is_file() and not (Path(path) / META_FILE).is_file()
+
+
 def read_weights_meta(path: str | os.PathLike) -> tuple[Path, dict]:
+    if is_hf_export(path):  # sample and eval accept export folders too
+        try:
+            return Path(path), json.loads((Path(path) / HF_EXPORT_META).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}/{HF_EXPORT_META} is unreadable ({exc}); export the run again") from None
     folder = resolve_weights_dir(path)
     try:
         meta = json.loads((folder / META_FILE).read_text())
@@ -110,9 +122,11 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, expect_
                               "pass the run folder of the right `edlm train` objective")
     cfg = config_from_dict(meta["config"])
     model = build_model(kind, cfg.model, meta["vocab_size"], meta["seq_len"], device=device)
-    name = weights_file(folder, use_ema)
+    exported = is_hf_export(folder)  # an export holds the weights it was made from (EMA unless --no-ema)
+    name = "model.safetensors" if exported else weights_file(folder, use_ema)
     try:
-        state = load_file(str(folder / name))
+        state = (hf_models.edlm_module_from_export(str(folder), kind, cfg.model) if exported
+                 else load_file(str(folder / name)))
         load_full_state_dict(model, state)
     except (OSError, ValueError, RuntimeError, CheckpointError) as exc:
         raise CheckpointError(f"weights {folder / name} do not fit the recorded model ({str(exc).splitlines()[0]}); "

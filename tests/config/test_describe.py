@@ -51,3 +51,21 @@ def test_field_metadata_is_picked_up():
 def test_describe_keys_lists_only_the_asked_sections():
     text = describe_keys(("data",))
     assert "data.tokenizer (str, default synthetic)" in text and "train.steps" not in text
+
+
+def test_every_subcommand_help_lists_its_config_keys(capsys):
+    import pytest
+
+    from edlm_dist.cli import CONFIG_SECTIONS, main
+
+    for name, sections in CONFIG_SECTIONS.items():
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        text = capsys.readouterr().out
+        for record in config_keys():
+            listed = f"  {record['key']} ({record['type']}, default" in text
+            assert listed == (record["key"].split(".")[0] in sections), (name, record["key"])
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    out_help = capsys.readouterr().out.split("--out OUT")[1].split("config keys")[0]
+    assert "resume" not in out_help  # sampling and evaluation do not resume

@@ -33,7 +33,7 @@ ALLOWED = {
     "evaluation": {"errors", "config", "parallel", "data", "objectives", "models", "artifacts", "sampling"},
     "pipeline": {"errors", "config", "parallel", "data", "objectives", "models", "artifacts", "sampling", "training",
                  "evaluation"},
-    "cli": {"errors", "data", "training", "sampling", "evaluation", "pipeline", "artifacts"},
+    "cli": {"errors", "config", "data", "training", "sampling", "evaluation", "pipeline", "artifacts"},
 }
 # Single-device math: plain PyTorch, no process groups (parallelism lives in edlm_dist/parallel/).
 MATH_MODULES = [
@@ -53,7 +53,7 @@ FORMAT_OWNERS = {
     "summary.json": {"artifacts/samples.py"},
     "model.safetensors": {"artifacts/weights.py", "artifacts/hf_export.py"},
     "ema.safetensors": {"artifacts/weights.py"},
-    "edlm_meta.json": {"artifacts/hf_export.py"},
+    "edlm_meta.json": {"artifacts/weights.py"},  # weights.py loads models from weights and export folders alike
     "results.json": {"pipeline/run.py"},
     "metrics.json": {"evaluation/report.py"},
 }

@@ -187,7 +187,8 @@ def markdown_report(results: dict) -> str:
         rows = []
         reference = results.get("data_reference")
         if reference:
-            rows.append({"Method": "Data (validation rows)", "Gen PPL": _fmt(reference.get("gen_ppl"), "{:.2f}"),
+            split = "training" if reference.get("split") == "train" else "validation"
+            rows.append({"Method": f"Data ({split} rows)", "Gen PPL": _fmt(reference.get("gen_ppl"), "{:.2f}"),
                          "Entropy (bits)": _fmt(reference.get("entropy_bits")),
                          "Samples": reference.get("num_samples")})
             if "entropy_rate_ppl" in reference:

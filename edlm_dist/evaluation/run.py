@@ -251,8 +251,10 @@ def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict],
     reference = None
     if manifest is not None and results:
         num_rows = max(r["num_samples"] for r in results)
+        # The n-gram judge was fitted on the validation rows: the data's reference comes from unseen training rows.
+        split_name = "train" if cfg.eval.oracle == "ngram" else "valid"
         reference = data_reference(plan.data_dir, oracle, entropy=entropy, num_rows=num_rows, tokenizer=tokenizer,
-                                   language=language, **split)
+                                   language=language, split=split_name, **split)
     return results, reference
 
 

@@ -43,5 +43,12 @@ def test_demo_config_is_cpu_sized():
     assert sum(p.numel() for p in model.parameters()) < 1_000_000
 
 
+def test_text_demo_config_is_cpu_sized():
+    cfg = load_config(CONFIGS / "text_demo.yaml")
+    assert validate_world(cfg, 1) == 1 and cfg.data.source == "pydoc" and cfg.eval.oracle == "ngram"
+    model = build_model("dit", cfg.model, 110, cfg.data.seq_len, meta=True)  # ~107 characters + specials
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+
+
 def test_every_shipped_config_is_covered():
-    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(EXPECTED) | {"demo.yaml"}
+    assert {p.name for p in CONFIGS.glob("*.yaml")} == set(EXPECTED) | {"demo.yaml", "text_demo.yaml"}

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from edlm_dist.errors import DataError
 from edlm_dist.evaluation.likelihood import safe_exp
@@ -66,8 +67,13 @@ def _draw(ax, series, xlabel: str, ylabel: str, log_x: bool, log_y: bool = False
             ax.plot(xs, ys, marker="o", label=method)
     if log_x:
         ax.set_xscale("log")
-    if log_y:
+    if log_y:  # plain numbers; minor ticks labelled too when the values span less than a decade
         ax.set_yscale("log")
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ys = [y for pairs in series.values() for _, y in pairs if y > 0]
+        if ys and max(ys) < 10 * min(ys):
+            ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
@@ -110,7 +116,7 @@ def label_steps(ax, steps: Sequence[float]) -> None:
     if not steps:
         return
     ax.set_xticks(list(steps), [f"T={int(t)}" for t in steps])
-    ax.minorticks_off()
+    ax.xaxis.set_minor_locator(NullLocator())
 
 
 def plot_entropy_vs_genppl(results: Mapping[str, Sequence[Mapping]], path) -> str:

@@ -88,3 +88,40 @@ def test_gen_ppl_prefers_text_like_the_held_out_text():
     assert nll.tolist() == [row_nll, 0.0] and counts.tolist() == [2.0, 0.0]
     with pytest.raises(DataError, match="outside the judge's vocabulary"):
         judge.row_nll([0, 7])
+
+
+def _evaluate(overrides, out):
+    from edlm_dist.config.load import load_config
+    from edlm_dist.evaluation.run import run_evaluation
+
+    return run_evaluation(load_config(None, overrides), out)
+
+
+def test_edlm_eval_with_the_ngram_judge(tmp_path):
+    """`edlm eval eval.oracle=ngram`: the judge is fitted on the validation rows only, the samples' Gen PPL is
+    that judge's, and the data reference is scored on training rows (unseen by the judge)."""
+    import json
+
+    from edlm_dist.artifacts.samples import write_sample_folder
+    from edlm_dist.data.prepare import prepare_data
+    from edlm_dist.data.shards import iter_shard_rows, load_manifest
+    from tests.spawn import run_on_ranks
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(f"Rule {i}: simple is better than complex, flat beats nested." for i in range(60)))
+    data = tmp_path / "data"
+    prepare_data("text", data, seq_len=16, tokenizer_spec="char", input_path=corpus, progress=False)
+    manifest = load_manifest(data)
+    valid = [r.tolist() for s in manifest["splits"]["valid"]["shards"] for r in iter_shard_rows(data / s["file"])]
+    train = [r.tolist() for s in manifest["splits"]["train"]["shards"] for r in iter_shard_rows(data / s["file"])]
+    samples = [train[0], train[3][::-1], valid[0]]
+    (tmp_path / "samples").mkdir()
+    path = write_sample_folder(tmp_path / "samples", [{"tokens": row} for row in samples], {"sampler": "mdlm"})
+    run_on_ranks(_evaluate, 1, [f"data.dir={data}", "eval.oracle=ngram", "eval.judge_order=3",
+                                "eval.metrics=[genppl,entropy]", f"eval.samples=[{path}]",
+                                "logging.progress=false"], tmp_path / "eval")
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    judge = KneserNeyJudge(3, manifest["vocab_size"]).fit(valid)
+    assert metrics["samples"][0]["gen_ppl"] == pytest.approx(judge.gen_ppl(samples), rel=1e-12)
+    reference = metrics["data_reference"]
+    assert reference["split"] == "train" and reference["gen_ppl"] == pytest.approx(judge.gen_ppl(train[:3]), rel=1e-12)

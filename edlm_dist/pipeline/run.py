@@ -32,6 +32,7 @@ from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.prepare import prepare_data
 from edlm_dist.data.shards import has_manifest, load_manifest, saved_tokenizer, validate_dataset
 from edlm_dist.errors import ConfigError
+from edlm_dist.evaluation.intervals import RatioStatistic, bootstrap_interval
 from edlm_dist.evaluation.report import write_pipeline_report
 from edlm_dist.evaluation.run import (
     exact_language,
@@ -143,15 +144,7 @@ def pipeline_judge(cfg: RunConfig, data_dir: str) -> tuple[Any, str]:
 
 
 def with_intervals(metrics: dict, scores: Any) -> dict:
-    """Add 95 % bootstrap intervals of Gen PPL and entropy over the samples.
-
-    HOOK: the bootstrap lives in ``evaluation/intervals.py`` (issue 14, helper ``lockci``); until that module is
-    on main the figures are reported without intervals (``*_interval`` keys absent) instead of with a copy of it.
-    """
-    try:
-        from edlm_dist.evaluation.intervals import RatioStatistic, bootstrap_interval
-    except ImportError:
-        return metrics
+    """Add the 95 % bootstrap intervals over the samples of Gen PPL (token-weighted) and entropy."""
     if scores.nll is not None:
         metrics["gen_ppl_interval"] = bootstrap_interval(RatioStatistic.gen_ppl(scores.nll, scores.scored_tokens)).as_dict()
     if scores.entropy_bits is not None:

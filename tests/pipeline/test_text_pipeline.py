@@ -39,11 +39,15 @@ def test_text_pipeline_end_to_end_with_the_held_out_judge(tmp_path):
     assert set(results["methods"]) == {"mdlm", "edlm-ar"} and not (tmp_path / "out" / "nce").exists()
     for rows in results["methods"].values():
         assert rows[0]["gen_ppl"] > 1 and rows[0]["entropy"] > 0
+        for key in ("gen_ppl", "entropy"):
+            interval = rows[0][f"{key}_interval"]
+            assert interval["low"] <= rows[0][key] == interval["estimate"] <= interval["high"]
     assert 1 < results["data"]["gen_ppl"] < min(r[0]["gen_ppl"] for r in results["methods"].values())
     decoded = (tmp_path / "out" / "samples.md").read_text()
     assert "## mdlm" in decoded and "## edlm-ar" in decoded and "[BOS]" in decoded  # text, not token ids
     table = (tmp_path / "out" / "results.md").read_text()
     assert "on real text (text), independent judge" in table and "real text (training rows)" in table
+    assert f"{results['methods']['mdlm'][0]['gen_ppl']:.3f} [" in table  # the estimate with its interval
     assert json.loads((tmp_path / "out" / "results.json").read_text())["judge"] == results["judge"]
 
 

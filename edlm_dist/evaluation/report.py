@@ -126,22 +126,56 @@ def plot_entropy_vs_genppl(results: Mapping[str, Sequence[Mapping]], path) -> st
     return _save(fig, path)
 
 
-LIKELIHOOD_ROWS = [  # (metrics key, estimate, table label)
-    ("ar", None, "AR"), ("mdlm", None, "MDLM"), ("edlm_coar", None, "EDLM-coAR"),
-    ("edlm_ar", "upper", "EDLM-AR (Thm-1 upper)"), ("edlm_ar", "lower", "EDLM-AR (Thm-1 lower)"),
-    ("edlm_ar", "plugin", "EDLM-AR (plug-in, ref. code)"), ("edlm_nce", "upper", "EDLM-NCE (Thm-1 upper)"),
-    ("edlm_nce", "lower", "EDLM-NCE (Thm-1 lower)"), ("edlm_nce", "plugin", "EDLM-NCE (plug-in, ref. code)"),
+LIKELIHOOD_ROWS = [  # (metrics key, table label): likelihoods and bounds on the NLL
+    ("ar", "AR"), ("mdlm", "MDLM"), ("edlm_coar", "EDLM-coAR"),
 ]
+EQ13_ROWS = [  # (metrics key, log Z estimate, energy, how log Z was estimated): estimates, not bounds
+    ("edlm_ar", "upper", "EDLM-AR", "Theorem 1 \"upper\" (n negatives; biased high for large n)"),
+    ("edlm_ar", "lower", "EDLM-AR", "Theorem 1 \"lower\" (n negatives; biased low)"),
+    ("edlm_ar", "plugin", "EDLM-AR", "one negative (the reference code's value; biased low)"),
+    ("edlm_nce", "upper", "EDLM-NCE", "Theorem 1 \"upper\" (n negatives; biased high for large n)"),
+    ("edlm_nce", "lower", "EDLM-NCE", "Theorem 1 \"lower\" (n negatives; biased low)"),
+    ("edlm_nce", "plugin", "EDLM-NCE", "one negative (the reference code's value; biased low)"),
+]
+EQ13_TITLE = "EDLM-AR and EDLM-NCE: estimates of the paper's Eq. 13 (not bounds on the NLL)"
+EQ13_DOCS = Path(__file__).resolve().parents[2] / "docs" / "likelihood_bounds.md"
+EQ13_ANCHOR = "eq13-estimates"
 NOTES = """Notes (docs/likelihood_bounds.md):
 - Per token over all L positions (AR: the L−1 predicted ones); PPL = exp(NLL), bits = NLL / ln 2 (BPC for characters).
 - MDLM: one (t, mask) Monte-Carlo term of the NELBO per row; an upper bound on the NLL up to O(ε) truncation.
-- EDLM rows estimate the paper's Eq. 13, which uses the *joint* likelihood where the masked-diffusion NELBO needs
-  per-token marginals, so they are not certified bounds on the NLL (spec §6.6). Thm-1 upper/lower plug Theorem 1's
-  upper / lower log Z estimates (n negatives from pθ) into Eq. 13; the upper one is biased high only for n large
-  enough. The plug-in is the released code's one-negative value (biased low).
 - EDLM-coAR reduces exactly to the AR likelihood: E[coAR] = (1−ε)·(L−1)/L·AR per token plus pθ's NLL of the
   first token (`ar_prediction_nll` and `position0_nll` in metrics.json; row "predicted from AR").
 """
+
+
+def docs_link(out: Path) -> str:
+    """A markdown link from a report written into ``out`` to the Eq.-13 explanation in the docs: relative
+    inside a checkout of the repository, the docs' path otherwise (its text names the file either way)."""
+    label = "docs/likelihood_bounds.md, §2.1–2.3"
+    if not EQ13_DOCS.is_file():
+        return label + " (in the edlm-dist repository)"
+    root, out = EQ13_DOCS.parents[1], Path(out).resolve()
+    target = os.path.relpath(EQ13_DOCS, out) if out.is_relative_to(root) else EQ13_DOCS.as_uri()
+    return f"[{label}]({target}#{EQ13_ANCHOR})"
+
+
+def eq13_section(lik: dict, out: Path) -> list[str]:
+    """The Eq.-13 figures of EDLM-AR / EDLM-NCE in their own table, titled as estimates, the docs one link away."""
+    rows = []
+    for key, estimate, energy, how in EQ13_ROWS:
+        entry = lik["methods"].get(key, {}).get(estimate)
+        if entry is not None:
+            rows.append({"Energy": energy, "log Z(x_t) estimated by": how,
+                         "Eq. 13 (nats/token)": _fmt(entry["nll"], "{:.4f}")})
+    if not rows:
+        return []
+    return [f"\n### {EQ13_TITLE}\n",
+            "Eq. 13 puts the *joint* likelihood of the energy-based model where the masked-diffusion NELBO needs "
+            "per-token marginals, so these figures are estimates of the Eq.-13 objective, not bounds: they can "
+            "fall below the true NLL, below the data's entropy rate, even below 0, and are not perplexities. "
+            "\"Upper\" and \"lower\" name Theorem 1's two estimates of log Z(x_t), not bounds on the NLL. Why, "
+            f"and what each row is: {docs_link(out)}.\n",
+            markdown_table(rows, ["Energy", "log Z(x_t) estimated by", "Eq. 13 (nats/token)"])]
 
 
 # ----------------------------------------------------------------------------- `edlm eval` report
@@ -158,13 +192,12 @@ def _nll_row(label: str, estimate: str, nll: float) -> dict:
 
 
 def likelihood_table(lik: dict) -> str:
-    """The validation-likelihood table (one row per method and estimate) of a likelihood result."""
+    """The validation-likelihood table (likelihoods and NLL bounds, one row per method) of a likelihood result."""
     rows = []
-    for key, estimate, label in LIKELIHOOD_ROWS:
+    for key, label in LIKELIHOOD_ROWS:
         entry = lik["methods"].get(key)
         if entry is None:
             continue
-        entry = entry[estimate] if estimate else entry
         rows.append(_nll_row(label, entry["estimate"], entry["nll"]))
         if key == "edlm_coar" and "ar_prediction_nll" in entry:  # the exact relation, side by side
             rows.append(_nll_row("EDLM-coAR predicted from AR", "(1−ε)(L−1)/L · AR + pθ's first token",
@@ -172,40 +205,77 @@ def likelihood_table(lik: dict) -> str:
     return markdown_table(rows, ["Method", "Estimate", "NLL (nats/token)", "PPL", "Bits/token"])
 
 
-def likelihood_section(lik: dict) -> list[str]:
-    """Heading, provenance line, table and notes of a likelihood result."""
+def likelihood_section(lik: dict, out: Path) -> list[str]:
+    """Heading, provenance line, the likelihood table, the Eq.-13 estimates and the notes of a likelihood result."""
     source = f" of `{lik['data_dir']}`" if lik.get("data_dir") else ""
     return [f"## Validation likelihood\n\n{lik['rows']} rows × {lik['seq_len']} tokens{source}, "
             f"n = {lik['settings']['n_negatives']} negatives, seed {lik['settings']['seed']}.\n",
-            likelihood_table(lik), "\n" + NOTES]
+            likelihood_table(lik), *eq13_section(lik, out), "\n" + NOTES]
 
 
-def markdown_report(results: dict) -> str:
+def with_interval(row: Mapping, key: str, spec: str = "{:.3f}") -> Optional[str]:
+    """``12.340 [11.020, 13.900]`` when the row carries ``<key>_interval`` (``Interval.as_dict``), else the value."""
+    interval = row.get(f"{key}_interval")
+    if isinstance(interval, Mapping) and row.get(key) is not None:
+        return f"{spec.format(row[key])} [{spec.format(interval['low'])}, {spec.format(interval['high'])}]"
+    return _fmt(row.get(key), spec)
+
+
+INTERVALS_NOTE = ("Brackets: 95 % percentile-bootstrap intervals over the samples (2,000 resamples; seconds over "
+                  "the timed batches, whose samples share one measurement; `evaluation/intervals.py`).")
+
+
+def comparison_section(comparisons: Sequence[Mapping], baseline: str) -> list[str]:
+    """Each method against the baseline at equal steps: Gen PPL ratio, interval, p-value, Holm-corrected verdict."""
+    if not comparisons:
+        return []
+    rows = [{"method": c["method"], "steps": c["steps"],
+             f"Gen PPL ÷ {baseline}'s": f"{c['estimate']:.3f} [{c['low']:.3f}, {c['high']:.3f}]",
+             "p": f"{c['p_value']:.4f}", "significant (Holm)": "yes" if c["significant_holm"] else "no"}
+            for c in comparisons]
+    better = sum(c["significant_holm"] and c["estimate"] < 1 for c in comparisons)
+    worse = sum(c["significant_holm"] and c["estimate"] > 1 for c in comparisons)
+    return [f"## Each method against {baseline} at equal steps\n",
+            f"Gen PPL of the method ÷ {baseline}'s at the same T (< 1: better than {baseline}), its 95 % interval "
+            "(the two cells' samples resampled independently, 2,000 times) and the two-sided bootstrap p-value of "
+            "\"equal Gen PPL\" (twice the share of resampled ratios on the far side of 1). *Significant (Holm)*: "
+            f"p stays below 5 % after Holm's step-down correction over all {len(rows)} comparisons of this table "
+            "(family-wise error 5 %); \"no\" means this run cannot tell the two apart. "
+            f"Here: {better} significantly better, {worse} significantly worse, "
+            f"{len(rows) - better - worse} not significant.\n",
+            markdown_table(rows, ["method", "steps", f"Gen PPL ÷ {baseline}'s", "p", "significant (Holm)"])]
+
+
+def markdown_report(results: dict, out: Path) -> str:
     parts = ["# edlm eval\n"]
     lik = results.get("likelihood")
     if lik:
-        parts += likelihood_section(lik)
+        parts += likelihood_section(lik, out)
     samples = results.get("samples")
     if samples:
         oracle = next((s.get("oracle") for s in samples if s.get("oracle")), None)
-        parts.append(f"\n## Samples\n\nGen PPL oracle: `{oracle or '-'}`; entropy: unigram, bits, mean over samples.\n")
+        parts.append(f"\n## Samples\n\nGen PPL oracle: `{oracle or '-'}`; entropy: unigram, bits, mean over samples. "
+                     f"{INTERVALS_NOTE}\n")
         columns = ["Method", "Steps", "k", "Window", "Gen PPL", "Entropy (bits)", "s/sample", "Samples", "File"]
         rows = []
         reference = results.get("data_reference")
         if reference:
             split = "training" if reference.get("split") == "train" else "validation"
-            rows.append({"Method": f"Data ({split} rows)", "Gen PPL": _fmt(reference.get("gen_ppl"), "{:.2f}"),
-                         "Entropy (bits)": _fmt(reference.get("entropy_bits")),
+            rows.append({"Method": f"Data ({split} rows)", "Gen PPL": with_interval(reference, "gen_ppl", "{:.2f}"),
+                         "Entropy (bits)": with_interval(reference, "entropy_bits"),
                          "Samples": reference.get("num_samples")})
             if "entropy_rate_ppl" in reference:
                 rows.append({"Method": "Data (exact entropy rate)",
                              "Gen PPL": _fmt(reference["entropy_rate_ppl"], "{:.2f}")})
         for s in sorted(samples, key=lambda s: (s["method"], s.get("steps") or 0)):
             rows.append({"Method": s["method"], "Steps": s.get("steps"), "k": s.get("k"), "Window": s.get("window"),
-                         "Gen PPL": _fmt(s.get("gen_ppl"), "{:.2f}"), "Entropy (bits)": _fmt(s.get("entropy_bits")),
-                         "s/sample": _fmt(s.get("seconds_per_sample"), "{:.4f}"), "Samples": s["num_samples"],
+                         "Gen PPL": with_interval(s, "gen_ppl", "{:.2f}"),
+                         "Entropy (bits)": with_interval(s, "entropy_bits"),
+                         "s/sample": with_interval(s, "seconds_per_sample", "{:.4f}"), "Samples": s["num_samples"],
                          "File": Path(s["file"]).parent.name + "/" + Path(s["file"]).name})
         parts.append(markdown_table(rows, columns))
+    if results.get("comparisons"):
+        parts += ["", *comparison_section(results["comparisons"], "MDLM")]
     for name, path in results.get("plots", {}).items():
         parts.append(f"\n![{name}]({Path(path).name})\n")
     return "\n".join(parts)
@@ -243,18 +313,10 @@ def write_outputs(results: dict, out: Path) -> None:
     if results.get("samples"):
         results["plots"] = make_plots(results["samples"], out)
     (out / METRICS_FILE).write_text(json.dumps(_finite(results), indent=1, ensure_ascii=False) + "\n")
-    (out / METRICS_REPORT).write_text(markdown_report(results))
+    (out / METRICS_REPORT).write_text(markdown_report(results, out))
 
 
 # ----------------------------------------------------------------------------- `edlm pipeline` report
-def _with_interval(row: Mapping, key: str) -> Optional[str]:
-    """``12.34 [11.02, 13.90]`` when the row carries ``<key>_interval``, else the bare value."""
-    interval = row.get(f"{key}_interval")
-    if isinstance(interval, Mapping):
-        return f"{interval['estimate']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
-    return _fmt(row.get(key))
-
-
 def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, settings_line: str, *,
                           title: str = "EDLM vs MDLM on the synthetic language (exact oracle)",
                           data_label: str = "data (exact)") -> None:
@@ -265,10 +327,13 @@ def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, sett
     rows = [{"method": method, **row} for method, series in curves.items() for row in series]
     rows.append({"method": data_label, **results["data"]})
     for row in rows:
-        row["gen_ppl"], row["entropy"] = _with_interval(row, "gen_ppl"), _with_interval(row, "entropy")
-    lines = [f"# {title}", "", settings_line, "",
+        row["gen_ppl"], row["entropy"], row["seconds_per_sample"] = (
+            with_interval(row, "gen_ppl", "{:.2f}"), with_interval(row, "entropy"),
+            with_interval(row, "seconds_per_sample", "{:.4f}"))
+    lines = [f"# {title}", "", settings_line, "", INTERVALS_NOTE, "",
              markdown_table(rows, ["method", "steps", "gen_ppl", "nll_per_token", "entropy", "seconds_per_sample",
                                    "k", "window"]), ""]
+    lines += comparison_section(results.get("comparisons", []), "mdlm") + [""]
     if "likelihood" in results:
-        lines += likelihood_section(results["likelihood"]) + [""]
+        lines += likelihood_section(results["likelihood"], out) + [""]
     (out / PIPELINE_REPORT).write_text("\n".join(lines))

@@ -47,9 +47,11 @@ from edlm_dist.evaluation.report import write_outputs
 from edlm_dist.evaluation.sample_metrics import (
     ExactSyntheticOracle,
     HFOracle,
+    compare_at_equal_steps,
     data_reference,
-    evaluate_sample_file,
+    file_metrics,
     fit_ngram_judge,
+    score_sample_file,
 )
 from edlm_dist.parallel.collectives import all_reduce_float64
 from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
@@ -240,14 +242,24 @@ def warn_if_judge_is_not_independent(oracle: str, checkpoints: dict, data_dir: O
     return message
 
 
-def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict], Optional[dict]]:
+def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict], Optional[dict], list[dict]]:
+    """Each sample file's metrics with their intervals, the data's reference values, and every method
+    against MDLM at equal steps (Gen PPL ratios, Holm-corrected; empty without an oracle or MDLM files)."""
     manifest = load_manifest(plan.data_dir) if plan.data_dir else None
     tokenizer = saved_tokenizer(plan.data_dir, manifest) if manifest is not None else None
     oracle, language = _build_oracle(cfg, plan, ctx, tokenizer)
     entropy = "entropy" in plan.metrics
     # Samples are split over every rank (TP peers too): the oracle is not tensor-parallel.
     split = dict(dp_rank=ctx.rank, dp_size=ctx.world_size, dp_group=None, device=ctx.device)
-    results = [evaluate_sample_file(path, oracle, entropy=entropy, **split) for path in plan.sample_files]
+    results, cells = [], {}
+    for path in plan.sample_files:
+        settings, scores = score_sample_file(path, oracle, entropy=entropy, **split)
+        results.append(file_metrics(settings, scores))
+        label = settings["method"]
+        if (label, settings["steps"]) in cells:  # two files of one method and T (other k, ...): name the folder
+            label = f"{label} ({Path(path).parent.name})"
+        cells[label, settings["steps"]] = scores
+    comparisons = compare_at_equal_steps(cells, baseline="MDLM") if oracle is not None else []
     reference = None
     if manifest is not None and results:
         num_rows = max(r["num_samples"] for r in results)
@@ -255,7 +267,7 @@ def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict],
         split_name = "train" if cfg.eval.oracle == "ngram" else "valid"
         reference = data_reference(plan.data_dir, oracle, entropy=entropy, num_rows=num_rows, tokenizer=tokenizer,
                                    language=language, split=split_name, **split)
-    return results, reference
+    return results, reference, comparisons
 
 
 # ------------------------------------------------------------------------------------ the run
@@ -279,9 +291,11 @@ def run_evaluation(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
         if "ppl" in plan.metrics:
             results["likelihood"] = run_likelihood(cfg, plan, ctx)
         if plan.needs_samples:
-            results["samples"], reference = run_sample_metrics(cfg, plan, ctx)
+            results["samples"], reference, comparisons = run_sample_metrics(cfg, plan, ctx)
             if reference is not None:
                 results["data_reference"] = reference
+            if comparisons:
+                results["comparisons"] = comparisons
         if ctx.is_main:
             write_outputs(results, out)
     finally:

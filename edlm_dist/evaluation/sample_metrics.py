@@ -5,7 +5,11 @@ The one place that scores samples: ``edlm eval``, the pipeline and the benchmark
 (files written by ``edlm sample``) and :func:`data_reference` (the data's own values). Scores are
 kept per sample (:class:`SampleScores`: NLL sum and scored tokens under the oracle, entropy, seconds),
 so a confidence interval can resample them; :meth:`SampleScores.summary` aggregates: Gen PPL is
-token-weighted over all samples, exp(Σ nll / Σ tokens), never a mean of per-sample perplexities.
+token-weighted over all samples, exp(Σ nll / Σ tokens), never a mean of per-sample perplexities,
+and each aggregate carries its 95 % percentile-bootstrap interval over the samples (evaluation/intervals.py;
+seconds over the timed batches, whose rows share one measurement). :func:`compare_at_equal_steps` states
+each method against a baseline at the same step count: the Gen PPL ratio, its interval, its bootstrap
+p-value and Holm's correction over the family of comparisons.
 
 Distributed: rows are split into contiguous blocks over the ranks; each rank scores its block and
 the per-sample values are summed into full-length float64 vectors (every entry has exactly one
@@ -18,7 +22,7 @@ L−1 scored tokens) and :class:`HFOracle` (any local HF causal LM, MDLM's proto
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -31,6 +35,7 @@ from edlm_dist.data.shards import load_manifest
 from edlm_dist.errors import DataError
 from edlm_dist.evaluation.entropy import unigram_entropy_bits
 from edlm_dist.evaluation.genppl import GenPPLAccumulator, HFCausalLMOracle
+from edlm_dist.evaluation.intervals import RatioStatistic, bootstrap_interval, compare, holm_significant
 from edlm_dist.evaluation.ngram_judge import KneserNeyJudge
 from edlm_dist.parallel.collectives import all_reduce_float64
 
@@ -121,23 +126,66 @@ class SampleScores:
     entropy_bits: Optional[Tensor] = None  # unigram entropy of each sample
     seconds: Optional[Tensor] = None  # wall seconds each sample took (its batch's time / batch size); NaN: untimed
     oracle: Optional[str] = None
+    timing_batches: Optional[Tensor] = None  # the batch each sample was timed in; None: each sample on its own
+
+    def gen_ppl_statistic(self) -> RatioStatistic:
+        """exp(Σ NLL / Σ scored tokens) over the samples, for intervals and comparisons."""
+        if self.nll is None:
+            raise DataError("these samples were scored without an oracle; set eval.oracle to get a Gen PPL")
+        return RatioStatistic.gen_ppl(self.nll, self.scored_tokens)
+
+    def seconds_statistic(self) -> Optional[RatioStatistic]:
+        """Mean seconds per timed sample, resampled by batch: the rows of a batch share one measurement
+        (its time / its size), so a batch, not a row, is one independent observation."""
+        if self.seconds is None:
+            return None
+        timed = ~torch.isnan(self.seconds)
+        if not bool(timed.any()):
+            return None
+        batches = (self.timing_batches if self.timing_batches is not None else torch.arange(self.num_samples))[timed]
+        labels = torch.unique(batches, return_inverse=True)[1]
+        per_batch = torch.zeros(int(labels.max()) + 1, dtype=torch.float64)
+        return RatioStatistic(per_batch.index_add(0, labels, self.seconds[timed]),
+                              per_batch.index_add(0, labels, torch.ones_like(self.seconds[timed])))
 
     def summary(self) -> dict:
         """Aggregates: Gen PPL (token-weighted), mean NLL per token (+ standard error over samples),
-        mean entropy, mean seconds per sample."""
+        mean entropy, mean seconds per sample; Gen PPL, entropy and seconds each with ``<key>_interval``,
+        its 95 % percentile-bootstrap interval (``Interval.as_dict``: estimate, low, high, level)."""
         out: dict = {"num_samples": self.num_samples}
         if self.nll is not None:
             total = GenPPLAccumulator(nll_sum=float(self.nll.sum()), weight_sum=float(self.scored_tokens.sum()))
             per_token = self.nll / self.scored_tokens
             stderr = float(per_token.std() / math.sqrt(self.num_samples)) if self.num_samples > 1 else None
-            out.update(gen_ppl=total.value(), gen_nll=total.mean_nll(), scored_tokens=total.weight_sum,
-                       nll_per_token=float(per_token.mean()), nll_per_token_stderr=stderr, oracle=self.oracle)
+            interval = replace(bootstrap_interval(self.gen_ppl_statistic()), estimate=total.value())  # one rounding
+            out.update(gen_ppl=total.value(), gen_ppl_interval=interval.as_dict(),
+                       gen_nll=total.mean_nll(), scored_tokens=total.weight_sum, nll_per_token=float(per_token.mean()),
+                       nll_per_token_stderr=stderr, oracle=self.oracle)
         if self.entropy_bits is not None:
             out["entropy_bits"] = float(self.entropy_bits.mean())
-        timed = [v for v in self.seconds.tolist() if not math.isnan(v)] if self.seconds is not None else []
-        # Python's sequential sum over the timed samples, in file order.
-        out["seconds_per_sample"] = sum(timed) / len(timed) if timed else None
+            out["entropy_bits_interval"] = bootstrap_interval(RatioStatistic.mean(self.entropy_bits)).as_dict()
+        seconds = self.seconds_statistic()
+        interval = bootstrap_interval(seconds).as_dict() if seconds is not None else None
+        out["seconds_per_sample"] = interval["estimate"] if interval else None  # the mean over timed samples
+        out["seconds_per_sample_interval"] = interval
         return out
+
+
+def compare_at_equal_steps(cells: dict[tuple[str, int], SampleScores], baseline: str) -> list[dict]:
+    """Every method against ``baseline`` at the same step count (cells keyed ``(method, steps)``): Gen PPL
+    of the method ÷ Gen PPL of the baseline with its 95 % interval (the two sets of samples resampled
+    independently), the two-sided bootstrap p-value of "equal Gen PPL", ``significant`` (the interval
+    excludes 1) and ``significant_holm`` (still so after Holm's correction over all these comparisons,
+    family-wise error 5 %)."""
+    rows = []
+    for (method, steps), cell in sorted(cells.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
+        reference = cells.get((baseline, steps))
+        if method != baseline and reference is not None and cell.nll is not None and reference.nll is not None:
+            comparison = compare(cell.gen_ppl_statistic(), reference.gen_ppl_statistic(), kind="ratio")
+            rows.append({"method": method, "baseline": baseline, "steps": steps, **comparison.as_dict()})
+    for row, holds in zip(rows, holm_significant([row["p_value"] for row in rows])):
+        row["significant_holm"] = holds
+    return rows
 
 
 def rank_block(n: int, rank: int, size: int) -> slice:
@@ -155,10 +203,12 @@ def _gathered(values: Optional[Tensor], block: slice, n: int, dp_group, device) 
 
 
 def score_samples(rows: list[dict] | Tensor, oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0,
-                  dp_size: int = 1, dp_group=None, device: torch.device | str = "cpu") -> SampleScores:
+                  dp_size: int = 1, dp_group=None, device: torch.device | str = "cpu",
+                  batch_size: Optional[int] = None) -> SampleScores:
     """Per-sample oracle NLL, entropy and seconds of ``rows`` (dicts with ``tokens`` and optionally ``text``
-    and ``seconds``, or a (N, L) tensor of token ids). Collective over ``dp_group`` when torch.distributed
-    is up; every rank returns every sample's values."""
+    and ``seconds``, or a (N, L) tensor of token ids). ``batch_size``: the sampler's, whose batches are the
+    consecutive sample indices that were timed together (``edlm sample``). Collective over ``dp_group``
+    when torch.distributed is up; every rank returns every sample's values."""
     if isinstance(rows, Tensor):
         rows = [{"tokens": row} for row in rows.tolist()]
     n = len(rows)
@@ -174,9 +224,13 @@ def score_samples(rows: list[dict] | Tensor, oracle: Optional[Oracle], *, entrop
     if any(isinstance(row.get("seconds"), (int, float)) for row in rows):  # NaN marks an untimed row
         seconds = torch.tensor([float(row["seconds"]) if isinstance(row.get("seconds"), (int, float)) else math.nan
                                 for row in mine], dtype=torch.float64)
+    batches = None
+    if seconds is not None and batch_size:
+        indices = [row["index"] if isinstance(row.get("index"), int) else i for i, row in enumerate(rows)]
+        batches = torch.tensor(indices) // int(batch_size)
     return SampleScores(n, _gathered(nll, block, n, dp_group, device), _gathered(tokens, block, n, dp_group, device),
                         _gathered(entropies, block, n, dp_group, device), _gathered(seconds, block, n, dp_group, device),
-                        oracle.name if oracle is not None else None)
+                        oracle.name if oracle is not None else None, batches)
 
 
 def score_sample_file(path: str | Path, oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0,
@@ -187,18 +241,25 @@ def score_sample_file(path: str | Path, oracle: Optional[Oracle], *, entropy: bo
     summary = read_sample_summary(path)
     settings = {"file": str(path), "method": method_name(summary, path),
                 **{key: sampler_setting(summary, key) for key in SETTING_KEYS}}
+    batch_size = sampler_setting(summary, "batch_size")
     scores = score_samples(rows, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size, dp_group=dp_group,
-                           device=device)
+                           device=device, batch_size=batch_size if isinstance(batch_size, int) else None)
     return {**settings, "sampler_settings": summary}, scores
+
+
+def file_metrics(settings: dict, scores: SampleScores) -> dict:
+    """One sample file's row of metrics: its settings (from :func:`score_sample_file`), the aggregates of
+    its scores with their intervals, and the sampler settings that produced it."""
+    settings = dict(settings)
+    sampler_settings = settings.pop("sampler_settings")
+    return {**settings, **scores.summary(), "sampler_settings": sampler_settings}
 
 
 def evaluate_sample_file(path: str | Path, oracle: Optional[Oracle], *, entropy: bool, dp_rank: int = 0,
                          dp_size: int = 1, dp_group=None, device: torch.device | str = "cpu") -> dict:
     """Metrics of one sample file with the sampler settings that produced it."""
-    settings, scores = score_sample_file(path, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size,
-                                         dp_group=dp_group, device=device)
-    sampler_settings = settings.pop("sampler_settings")
-    return {**settings, **scores.summary(), "sampler_settings": sampler_settings}
+    return file_metrics(*score_sample_file(path, oracle, entropy=entropy, dp_rank=dp_rank, dp_size=dp_size,
+                                           dp_group=dp_group, device=device))
 
 
 def data_reference(data_dir: str | Path, oracle: Optional[Oracle], *, entropy: bool, num_rows: int,
@@ -215,6 +276,7 @@ def data_reference(data_dir: str | Path, oracle: Optional[Oracle], *, entropy: b
                            device=device)
     out = {"split": split, **scores.summary()}
     out.pop("seconds_per_sample", None)
+    out.pop("seconds_per_sample_interval", None)
     if language is not None:
         rate, stderr = language.entropy_per_token()
         out.update(entropy_rate_nats=rate, entropy_rate_stderr=stderr, entropy_rate_ppl=math.exp(rate))

@@ -32,7 +32,6 @@ from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.prepare import prepare_data
 from edlm_dist.data.shards import has_manifest, load_manifest, saved_tokenizer, validate_dataset
 from edlm_dist.errors import ConfigError
-from edlm_dist.evaluation.intervals import RatioStatistic, bootstrap_interval
 from edlm_dist.evaluation.report import write_pipeline_report
 from edlm_dist.evaluation.run import (
     exact_language,
@@ -43,6 +42,8 @@ from edlm_dist.evaluation.run import (
 from edlm_dist.evaluation.sample_metrics import (
     ExactSyntheticOracle,
     HFOracle,
+    SampleScores,
+    compare_at_equal_steps,
     data_reference,
     fit_ngram_judge,
     score_sample_file,
@@ -143,23 +144,16 @@ def pipeline_judge(cfg: RunConfig, data_dir: str) -> tuple[Any, str]:
     return HFOracle(oracle, batch_size=cfg.eval.oracle_batch_size, tokenizer=saved_tokenizer(data_dir)), oracle
 
 
-def with_intervals(metrics: dict, scores: Any) -> dict:
-    """Add the 95 % bootstrap intervals over the samples of Gen PPL (token-weighted) and entropy."""
-    if scores.nll is not None:
-        metrics["gen_ppl_interval"] = bootstrap_interval(RatioStatistic.gen_ppl(scores.nll, scores.scored_tokens)).as_dict()
-    if scores.entropy_bits is not None:
-        metrics["entropy_interval"] = bootstrap_interval(RatioStatistic.mean(scores.entropy_bits)).as_dict()
-    return metrics
-
-
-def sample_metrics(folder: Path, oracle: Any) -> dict:
+def sample_metrics(folder: Path, oracle: Any) -> tuple[dict, SampleScores]:
     """Gen PPL under the judge (token-weighted over its scored tokens), NLL per token, mean unigram entropy in
-    bits and seconds per sample of one sample folder (the evaluation API, under the pipeline's names)."""
+    bits and seconds per sample of one sample folder, each with its 95 % bootstrap interval over the samples
+    (``<key>_interval``; the evaluation API under the pipeline's names), and the per-sample scores."""
     _, scores = score_sample_file(samples_path(folder), oracle, entropy=True)
     m = scores.summary()
-    return with_intervals({"gen_ppl": m["gen_ppl"], "nll_per_token": m["nll_per_token"],
-                           "nll_per_token_stderr": m["nll_per_token_stderr"], "entropy": m["entropy_bits"],
-                           "seconds_per_sample": m["seconds_per_sample"], "num_samples": m["num_samples"]}, scores)
+    return {"gen_ppl": m["gen_ppl"], "gen_ppl_interval": m["gen_ppl_interval"], "nll_per_token": m["nll_per_token"],
+            "nll_per_token_stderr": m["nll_per_token_stderr"], "entropy": m["entropy_bits"],
+            "entropy_interval": m["entropy_bits_interval"], "seconds_per_sample": m["seconds_per_sample"],
+            "seconds_per_sample_interval": m["seconds_per_sample_interval"], "num_samples": m["num_samples"]}, scores
 
 
 def data_values(cfg: RunConfig, data_dir: str, oracle: Any) -> dict:
@@ -169,10 +163,12 @@ def data_values(cfg: RunConfig, data_dir: str, oracle: Any) -> dict:
         ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples,
                              language=oracle.language)
         return {"gen_ppl": ref["entropy_rate_ppl"], "nll_per_token": ref["entropy_rate_nats"],
-                "nll_per_token_stderr": ref["entropy_rate_stderr"], "entropy": ref["entropy_bits"]}
+                "nll_per_token_stderr": ref["entropy_rate_stderr"], "entropy": ref["entropy_bits"],
+                "entropy_interval": ref["entropy_bits_interval"]}
     ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples, split="train")
-    return {"gen_ppl": ref["gen_ppl"], "nll_per_token": ref["nll_per_token"],
-            "nll_per_token_stderr": ref["nll_per_token_stderr"], "entropy": ref["entropy_bits"]}
+    return {"gen_ppl": ref["gen_ppl"], "gen_ppl_interval": ref["gen_ppl_interval"], "nll_per_token": ref["nll_per_token"],
+            "nll_per_token_stderr": ref["nll_per_token_stderr"], "entropy": ref["entropy_bits"],
+            "entropy_interval": ref["entropy_bits_interval"]}
 
 
 def write_decoded_samples(cfg: RunConfig, out: Path, per_method: int = 3) -> Path:
@@ -206,7 +202,8 @@ def report(cfg: RunConfig, out: Path, results: dict) -> None:
     exact = results["judge"].startswith("the exact language")
     settings_line = (f"k={cfg.sample.k}, window={cfg.sample.window}, {cfg.pipeline.num_samples} samples per cell, "
                      f"sampling precision {cfg.sample.precision}, EMA weights. Judge: {results['judge']}. Gen PPL = "
-                     "exp(the judge's NLL per scored token); intervals: 95 % bootstrap over samples.")
+                     "exp(the judge's NLL per scored token). One training run per model: the intervals cover the "
+                     "sampling noise of these weights, not the spread between training runs.")
     title = ("EDLM vs MDLM on the synthetic language (exact oracle)" if exact else
              f"EDLM vs MDLM on real text ({load_manifest(results['data_dir'])['source'].get('name')}), independent judge")
     write_pipeline_report(results, list(cfg.pipeline.methods), out, settings_line, title=title,
@@ -231,15 +228,17 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
     if "nce" in needed:
         runs["nce"] = train_stage(cfg, data_dir, out / "nce", "nce", p.nce_steps, diffusion_ckpt=str(runs["mdlm"]))
     results: dict[str, Any] = {"methods": {}, "settings": _settings(cfg), "judge": judge, "data_dir": data_dir}
+    cells = {}
     for method in p.methods:
         for steps in p.step_counts:
             summary = sample_stage(cfg, runs, out, method, steps)
-            metrics = sample_metrics(out / "samples" / f"{method}_T{steps}", oracle)
+            metrics, cells[method, steps] = sample_metrics(out / "samples" / f"{method}_T{steps}", oracle)
             results["methods"].setdefault(method, []).append({
                 "steps": steps, **metrics,
                 "k": summary.get("k"), "window": summary.get("window"), "mean_ess": summary.get("mean_ess"),
                 "mean_nfe": summary.get("mean_nfe"),
             })
+    results["comparisons"] = compare_at_equal_steps(cells, baseline="mdlm")
     results["data"] = data_values(cfg, data_dir, oracle)
     results["likelihood"] = likelihood_stage(cfg, runs, data_dir, out)
     write_json_atomic(out / RESULTS_FILE, results)

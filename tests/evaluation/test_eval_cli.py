@@ -121,16 +121,33 @@ def test_eval_cli_writes_tables_and_plots_and_two_ranks_equal_one(setup):
         hand = sum(-sum(c / len(r) * math.log2(c / len(r)) for c in Counter(r).values()) for r in rows) / len(rows)
         assert result["entropy_bits"] == pytest.approx(hand)
         assert result["sampler_settings"]["steps"] == result["steps"]
+        for key in ("gen_ppl", "entropy_bits", "seconds_per_sample"):
+            interval = result[f"{key}_interval"]
+            assert interval["low"] <= result[key] == interval["estimate"] <= interval["high"], key
     assert {s["method"] for s in one["samples"]} == {"MDLM", "EDLM-AR"}
+    # EDLM-AR against MDLM at T = 4 and 8: the ratio of their Gen PPLs, Holm over the two comparisons
+    by_cell = {(s["method"], s["steps"]): s for s in one["samples"]}
+    assert [(c["method"], c["steps"]) for c in one["comparisons"]] == [("EDLM-AR", 4), ("EDLM-AR", 8)]
+    for c in one["comparisons"]:
+        ratio = by_cell["EDLM-AR", c["steps"]]["gen_ppl"] / by_cell["MDLM", c["steps"]]["gen_ppl"]
+        assert c["estimate"] == pytest.approx(ratio, rel=1e-12) and c["low"] <= c["estimate"] <= c["high"]
+        assert c["significant"] == (not c["low"] <= 1 <= c["high"]) and (c["significant"] or not c["significant_holm"])
     reference = one["data_reference"]
     assert reference["num_samples"] == 9
     assert reference["entropy_rate_ppl"] == pytest.approx(math.exp(language.entropy_per_token()[0]))
 
     report = (root / "one" / "metrics.md").read_text()
-    for row in ("| AR |", "| MDLM |", "| EDLM-coAR |", "| EDLM-coAR predicted from AR |",
-                "| EDLM-AR (Thm-1 upper) |", "| EDLM-NCE (plug-in, ref. code) |", "| MDLM | 4 |", "| EDLM-AR | 8 |",
-                "| Data (exact entropy rate) |"):
+    for row in ("| AR |", "| MDLM |", "| EDLM-coAR |", "| EDLM-coAR predicted from AR |", "| MDLM | 4 |",
+                "| EDLM-AR | 8 |", "| Data (exact entropy rate) |", "## Each method against MDLM at equal steps",
+                '| EDLM-AR | Theorem 1 "upper" (n negatives; biased high for large n) |',
+                "| EDLM-NCE | one negative (the reference code's value; biased low) |"):
         assert row in report, row
+    # The Eq.-13 figures sit under a title that calls them estimates, after the likelihood table, with the docs linked
+    likelihoods, estimates = report.split("### EDLM-AR and EDLM-NCE: estimates of the paper's Eq. 13 (not bounds")
+    assert "EDLM-AR" not in likelihoods and "Thm-1" not in report
+    assert "likelihood_bounds.md#eq13-estimates)" in estimates  # the target: tests/evaluation/test_report.py
+    sample = next(s for s in one["samples"] if (s["method"], s["steps"]) == ("MDLM", 4))
+    assert f"| {sample['gen_ppl']:.2f} [{sample['gen_ppl_interval']['low']:.2f}, " in report
     for png in ("genppl_frontier.png", "entropy_vs_genppl.png"):
         assert (root / "one" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

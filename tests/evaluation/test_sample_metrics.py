@@ -21,6 +21,8 @@ from edlm_dist.errors import DataError
 from edlm_dist.evaluation.sample_metrics import (
     ExactSyntheticOracle,
     HFOracle,
+    SampleScores,
+    compare_at_equal_steps,
     data_reference,
     evaluate_sample_file,
     method_name,
@@ -117,6 +119,71 @@ def test_per_sample_scores_are_each_samples_own_values(tmp_path, language):
     # Token tensors score like rows.
     again = score_samples(rows, ExactSyntheticOracle(language), entropy=True)
     assert torch.equal(again.nll, scores.nll) and torch.equal(again.entropy_bits, scores.entropy_bits)
+
+
+def test_summary_intervals_are_the_exact_bootstrap_of_three_units():
+    """Three samples: a resample made of one sample three times has probability 1/27 > 2.5 %, so each 95 %
+    percentile interval runs exactly from the smallest to the largest per-sample value (enumeration of
+    the 27 equally likely resamples). Gen PPL's units are samples, token-weighted."""
+    nll = torch.tensor([3.0, 10.0, 4.0], dtype=torch.float64)
+    tokens = torch.tensor([3.0, 4.0, 2.0], dtype=torch.float64)
+    entropy = torch.tensor([1.0, 2.5, 1.5], dtype=torch.float64)
+    summary = SampleScores(3, nll, tokens, entropy, oracle="exact").summary()
+    per_sample = (nll / tokens).tolist()
+    exact = {"gen_ppl": (math.exp(min(per_sample)), math.exp(max(per_sample)), math.exp(17 / 9)),
+             "entropy_bits": (1.0, 2.5, 5 / 3)}
+    for key, (low, high, estimate) in exact.items():  # float64 sums of 3 terms: their rounding only
+        interval = summary[f"{key}_interval"]
+        for name, value in (("low", low), ("high", high), ("estimate", estimate)):
+            assert interval[name] == approx_across(value, dtype=torch.float64, reduction_size=3), (key, name)
+        assert interval["level"] == 0.95 and summary[key] == interval["estimate"]
+    assert summary["seconds_per_sample"] is None and summary["seconds_per_sample_interval"] is None
+
+
+def test_seconds_interval_resamples_timed_batches_not_rows(tmp_path, language):
+    """``edlm sample`` times a batch and gives each row its batch's time / size: the batch is one
+    measurement. Five rows in batches of 2 (0.1, 0.1 | 0.3, 0.3 | 0.2): three units, so the exact 95 %
+    interval is [0.1, 0.3] (each one-batch resample has probability 1/27). Resampling the five rows
+    instead would put the low end above 0.1 (all five from the first batch: (2/5)^5 = 1 % < 2.5 %)."""
+    rows = language.sample(5, torch.Generator().manual_seed(1)).tolist()
+    folder = tmp_path / "timed"
+    path = _write_samples(folder, rows, summary={"sampler": "mdlm", "steps": 4, "batch_size": 2})
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    for index, (line, seconds) in enumerate(zip(lines, (0.1, 0.1, 0.3, 0.3, 0.2))):
+        line.update(index=index, seconds=seconds)
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    _, scores = score_sample_file(path, None, entropy=False)
+    assert scores.timing_batches.tolist() == [0, 0, 1, 1, 2]
+    interval = scores.summary()["seconds_per_sample_interval"]
+    assert interval["estimate"] == approx_across(0.2, dtype=torch.float64, reduction_size=5)
+    assert (interval["low"], interval["high"]) == (approx_across(0.1, dtype=torch.float64, reduction_size=5),
+                                                   approx_across(0.3, dtype=torch.float64, reduction_size=5))
+    by_row = SampleScores(5, seconds=scores.seconds).summary()["seconds_per_sample_interval"]
+    assert by_row["low"] > 0.11 and by_row["high"] < 0.29
+
+
+def test_methods_compare_with_the_baseline_at_equal_steps_with_holm():
+    """The Gen PPL ratio of each method to the baseline at its T (and only there), with its interval and
+    p-value; a clearly better method is significant after Holm, an identical one is not, and Holm only
+    ever removes findings."""
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.full((200,), 10.0, dtype=torch.float64)
+
+    def cell(mean):
+        return SampleScores(200, (mean + 0.3 * torch.randn(200, generator=generator, dtype=torch.float64)) * 10,
+                            tokens)
+
+    base4, base8 = cell(3.0), cell(2.5)
+    cells = {("base", 4): base4, ("base", 8): base8, ("better", 4): cell(2.0), ("same", 8): SampleScores(
+        200, base8.nll.clone(), tokens), ("alone", 16): cell(1.0)}
+    rows = {(r["method"], r["steps"]): r for r in compare_at_equal_steps(cells, baseline="base")}
+    assert set(rows) == {("better", 4), ("same", 8)}
+    better, same = rows["better", 4], rows["same", 8]
+    ratio = math.exp((cells["better", 4].nll.sum() - base4.nll.sum()).item() / 2000)
+    assert better["estimate"] == approx_across(ratio, dtype=torch.float64, reduction_size=200)
+    assert better["low"] <= better["estimate"] <= better["high"] < 1 and better["p_value"] == 1 / 2000
+    assert better["significant"] and better["significant_holm"] and better["kind"] == "ratio"
+    assert same["estimate"] == 1.0 and same["low"] < 1 < same["high"] and not same["significant_holm"]
 
 
 def test_exact_oracle_refuses_rows_of_another_length(tmp_path, language):

@@ -38,6 +38,27 @@ def test_pipeline_writes_every_result_and_reuses_finished_stages(tmp_path):
     assert {"ar", "mdlm", "edlm_coar", "edlm_ar", "edlm_nce"} <= set(saved["likelihood"]["methods"])
     table = (tmp_path / "results.md").read_text()
     assert "| edlm-oracle | 2 |" in table and "data (exact)" in table
+    # every cell carries its intervals; every EDLM cell is compared with MDLM at its T
+    for rows in saved["methods"].values():
+        for row in rows:
+            for key in ("gen_ppl", "entropy", "seconds_per_sample"):
+                interval = row[f"{key}_interval"]
+                assert interval["low"] <= row[key] == interval["estimate"] <= interval["high"], key
+            assert f"| {row['gen_ppl']:.2f} [{row['gen_ppl_interval']['low']:.2f}, " in table
+    by_cell = {(m, r["steps"]): r for m, rows in saved["methods"].items() for r in rows}
+    assert [(c["method"], c["steps"]) for c in saved["comparisons"]] == [
+        (m, t) for m in ("edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle") for t in (2, 4)]
+    for c in saved["comparisons"]:
+        ratio = by_cell[c["method"], c["steps"]]["gen_ppl"] / by_cell["mdlm", c["steps"]]["gen_ppl"]
+        assert abs(c["estimate"] / ratio - 1) < 1e-12 and c["low"] <= c["estimate"] <= c["high"]
+        assert c["significant"] == (not c["low"] <= 1 <= c["high"]) and 0 < c["p_value"] <= 1
+        assert c["significant"] or not c["significant_holm"]  # Holm only removes findings
+        verdict = "yes" if c["significant_holm"] else "no"
+        assert f"| {c['method']} | {c['steps']} | {c['estimate']:.3f} [" in table and f"| {verdict} |" in table
+    assert "## Each method against mdlm at equal steps" in table
+    # the Eq.-13 figures sit in their own table, titled as estimates, with the docs one link away
+    assert "estimates of the paper's Eq. 13 (not bounds on the NLL)" in table and "#eq13-estimates)" in table
+    assert "Thm-1" not in table and '| EDLM-AR | Theorem 1 "upper" (n negatives; biased high for large n) |' in table
 
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.safetensors")}
     samples = (tmp_path / "samples" / "edlm-ar_T4" / "samples.jsonl").read_text()

@@ -1,0 +1,39 @@
+"""The frontier's speed-up arithmetic (tools/frontier/analysis.py) on hand-made curves with known answers."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tools.frontier.analysis import build_replicates, reach, speedup
+
+
+def test_reach_interpolates_in_log_log_along_t():
+    ppl = torch.tensor([[100.0, 20.0, 10.0]], dtype=torch.float64)
+    cost = torch.tensor([[1.0, 2.0, 4.0]], dtype=torch.float64)
+    at = lambda g: float(reach(ppl, cost, torch.tensor([g], dtype=torch.float64))[0])  # noqa: E731
+    assert at(200.0) == 1.0 and at(20.0) == 2.0 and at(10.0) == 4.0  # points reached exactly
+    assert math.isclose(at(math.sqrt(200.0)), math.sqrt(8.0))  # halfway in log PPL -> halfway in log cost
+    assert math.isinf(at(5.0))  # never reached
+
+
+def _setting(family: str, steps: int, nll_per_row: float, seconds: float, calls: float) -> dict:
+    runs = [{"seed": s, "nll": [nll_per_row] * 4, "scored_tokens": 10, "seconds": seconds, "cpu_seconds": seconds,
+             "calls": calls, "tokens": 10 * calls} for s in (1, 2)]
+    return {"method": {"family": family, "curve": family, "name": f"{family} T={steps}", "steps": steps},
+            "seeds": runs}
+
+
+def test_speedup_at_the_reference_best_quality():
+    """MDLM reaches its best Gen PPL e^2 at 8 s; EDLM reaches e^2 halfway (in log PPL) between its T=1 (e^3, 1 s)
+    and T=2 (e^1, 4 s) points, i.e. at 2 s: a speed-up of 4 with every row identical (no spread)."""
+    results = [_setting("mdlm", 4, 40.0, 4.0, 4), _setting("mdlm", 8, 20.0, 8.0, 8),
+               _setting("edlm", 1, 30.0, 1.0, 1), _setting("edlm", 2, 10.0, 4.0, 4)]
+    rep = build_replicates(results, n_resamples=50)
+    target = rep.ppl[:, [0, 1]].min(dim=1).values
+    assert torch.allclose(target, torch.full_like(target, math.exp(2.0)))
+    out = speedup(rep, ("mdlm",), ("edlm",), target)
+    assert math.isclose(out["seconds"]["estimate"], 4.0) and math.isclose(out["calls"]["estimate"], 4.0)
+    assert math.isclose(out["seconds"]["low"], 4.0) and math.isclose(out["seconds"]["high"], 4.0)
+    assert out["seconds"]["reached"] == 1.0 and out["seconds"]["candidate_curve"] == "edlm"

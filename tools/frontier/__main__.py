@@ -1,0 +1,100 @@
+"""Quality/cost frontier of every sampler on the trained demo models, and EDLM's speed-ups at equal Gen PPL.
+
+    OMP_NUM_THREADS=1 flock /work/cpu.lock python -m tools.frontier --runs runs/demo --batch-size 32 \
+        --json runs/frontier/L32_b32.json
+    python -m tools.frontier --from-json runs/frontier/L32_b32.json --plot docs/frontier_L32_b32.png \
+        --summary docs/frontier_summary.json
+
+Every setting of the grid (tools/frontier/methods.py; ``--only REGEX`` keeps a subset) samples ids
+0..samples-1 for every seed, in one process, seed-major, after a warm-up of each family, so the wall
+clock ratios compare settings measured side by side. Gen PPL is exact (the synthetic language). Costs per
+sample: wall seconds, sequential model calls, model tokens. Intervals: paired two-level bootstrap over
+seeds and samples (tools/frontier/analysis.py). Prints Markdown tables; ``--summary`` merges this run's
+headline numbers into a JSON file under the key L<length>_batch<batch>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+
+def _sweep(args) -> dict:
+    import torch
+
+    from tools.frontier.methods import default_grid, load_models, run_method
+
+    torch.set_num_threads(1)
+    models = load_models(args.runs, tuple(args.block_causal))
+    grid = [m for m in default_grid(models.length, args.energies, sorted(models.block_causal))
+            if re.search(args.only, m.name)]
+    if not grid:
+        raise SystemExit(f"error: --only {args.only!r} keeps no setting of the grid")
+    warmed = set()
+    for method in grid:  # first-call overheads (allocations, caches) out of the timed runs
+        if method.curve not in warmed:
+            run_method(models, method, 0, min(args.batch_size, args.samples), args.batch_size)
+            warmed.add(method.curve)
+    results = {m.name: {"method": m.as_dict(), "seeds": []} for m in grid}
+    started = time.perf_counter()
+    for seed in args.seeds:
+        for method in grid:
+            results[method.name]["seeds"].append(run_method(models, method, seed, args.samples, args.batch_size))
+        print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
+    return {"title": (f"L = {models.length}, batch {args.batch_size}, seeds {args.seeds}, {args.samples} samples per "
+                      f"setting and seed, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, sweep "
+                      f"{time.perf_counter() - started:.0f} s"),
+            "length": models.length, "batch_size": args.batch_size, "energies": args.energies,
+            "data_gen_ppl": float(torch.exp(torch.tensor(models.language.entropy_per_token()[0]))),
+            "results": list(results.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=Path, help="--out folder of `edlm pipeline` (mdlm/, ar/, nce/ inside)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--samples", type=int, default=64, help="samples per setting and seed")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--energies", nargs="+", default=["ar", "coar", "nce", "oracle"])
+    parser.add_argument("--only", default="", help="keep the grid settings whose name matches this regex")
+    parser.add_argument("--block-causal", type=Path, nargs="*", default=[],
+                        help="`edlm train` runs of block-causal DiTs (model.block_size < L) on the same data")
+    parser.add_argument("--json", type=Path, help="write every per-seed number here")
+    parser.add_argument("--from-json", type=Path, help="tables, plot and summary from a saved --json")
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--summary", type=Path, help="merge the headline numbers into this JSON file")
+    parser.add_argument("--resamples", type=int, default=1000)
+    args = parser.parse_args()
+    if args.from_json:
+        payload = json.loads(args.from_json.read_text())
+    elif args.runs:
+        payload = _sweep(args)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(payload))
+    else:
+        raise SystemExit("error: pass --runs <pipeline folder> to sample, or --from-json <saved run> to report")
+
+    from tools.frontier.analysis import build_replicates
+    from tools.frontier.report import headline_table, plot, settings_table, summarise
+
+    rep = build_replicates(payload["results"], args.resamples)
+    summary = summarise(rep, payload["energies"])
+    print(f"## {payload['title']}\n\nData Gen PPL {payload['data_gen_ppl']:.3f}.\n")
+    print("\n".join(settings_table(rep)))
+    print("\n".join(headline_table(summary, payload["energies"])))
+    if args.plot:
+        plot(rep, args.plot, payload["title"])
+        print(f"\nwrote {args.plot}", file=sys.stderr)
+    if args.summary:
+        merged = json.loads(args.summary.read_text()) if args.summary.is_file() else {}
+        merged[f"L{payload['length']}_batch{payload['batch_size']}"] = {"title": payload["title"], **summary}
+        args.summary.write_text(json.dumps(merged, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

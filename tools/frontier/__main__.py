@@ -88,7 +88,7 @@ def main() -> None:
     print("\n".join(settings_table(rep)))
     print("\n".join(headline_table(summary, payload["energies"])))
     if args.plot:
-        plot(rep, args.plot, payload["title"])
+        plot(rep, args.plot, payload["title"], payload["energies"])
         print(f"\nwrote {args.plot}", file=sys.stderr)
     if args.summary:
         merged = json.loads(args.summary.read_text()) if args.summary.is_file() else {}

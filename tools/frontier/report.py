@@ -95,35 +95,44 @@ def headline_table(summary: dict, energies) -> list[str]:
     return lines
 
 
-def plot(rep: Replicates, path: Path, title: str) -> None:
-    """Gen PPL vs each cost (log-log): one line per curve, MDLM families in black/grey."""
+def plot(rep: Replicates, path: Path, title: str, energies) -> None:
+    """Gen PPL (pooled point estimates) against wall clock (``path``) and against sequential calls (``*_calls.png``),
+    log-log, one panel per energy: its EDLM curves (whole row dashed, block-wise solid) over the references
+    (MDLM cached black, block-wise MDLM grey, block-causal MDLM brown, the AR sampler a star)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), sharey=True)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = {}
-    for ax, measure in zip(axes, MEASURES):
-        for family, curves in rep.curves.items():
-            for curve, index in curves.items():
-                if curve not in styles:
-                    mdlm = family.startswith("mdlm") or family in ("ar", "bc-mdlm")
-                    styles[curve] = ({"color": "k" if family == "mdlm" else "grey", "ls": "-" if family != "ar" else ":",
-                                      "marker": "o", "lw": 2} if mdlm else
-                                     {"color": colours[len(styles) % len(colours)], "marker": ".", "lw": 1})
-                x = rep.cost[measure][0, index].tolist()
-                y = rep.ppl[0, index].tolist()
-                ax.plot(x, y, ms=4, label=curve, **styles[curve])
-        ax.set(xscale="log", yscale="log", xlabel={"seconds": "seconds per sample (wall)",
-                                                   "calls": "sequential model calls per sample",
-                                                   "tokens": "model tokens per sample"}[measure])
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].set_ylabel("exact Gen PPL")
-    axes[-1].legend(fontsize=6, ncol=2, loc="upper right")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    references = {"mdlm": {"color": "k", "lw": 2.2}, "mdlm-block": {"color": "0.55", "lw": 1.4},
+                  "bc-mdlm": {"color": "saddlebrown", "lw": 1.4}}
+    for measure, target in (("seconds", path), ("calls", path.with_name(path.stem + "_calls" + path.suffix))):
+        cols = 2
+        rows = -(-len(energies) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), sharex=True, sharey=True, squeeze=False)
+        for ax in axes.flat[len(energies):]:
+            ax.set_visible(False)
+        for ax, energy in zip(axes.flat, energies):
+            for family, style in references.items():
+                for n, (curve, index) in enumerate(rep.curves.get(family, {}).items()):
+                    ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), marker="o", ms=3,
+                            label=curve if n < 3 else None, **style)
+            for index in rep.curves.get("ar", {}).values():
+                ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), "*", ms=12, color="crimson",
+                        label="AR sampler")
+            for family, ls in ((f"edlm-{energy}", "--"), (f"edlm-{energy}-block", "-"), (f"bc-edlm-{energy}-block", "-.")):
+                for curve, index in rep.curves.get(family, {}).items():
+                    ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), ls=ls, marker=".", ms=5,
+                            lw=1.2, label=curve)
+            ax.set(xscale="log", yscale="log", title=f"EDLM-{energy}")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=6, ncol=2)
+        for ax in axes[-1]:
+            ax.set_xlabel("seconds per sample (wall)" if measure == "seconds" else "sequential model calls per sample")
+        for ax in axes[:, 0]:
+            ax.set_ylabel("exact Gen PPL (3 seeds pooled)")
+        fig.suptitle(title, fontsize=9)
+        fig.tight_layout()
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(target, dpi=100)
+        plt.close(fig)

@@ -85,30 +85,44 @@ class ARPrefixSession:
         if not self.cache.keys:
             self.cache.allocate(batch, layers, heads, head_dim, x.new_empty(0, dtype=torch.float32))
         next_log_probs = x.new_empty((batch, model.vocab_size), dtype=torch.float32)
-        mine = (owners == self.exchange.rank).nonzero().flatten().tolist()
-        for row in mine:
-            child, child_row, last = local[row]
-            keys, values = child.scored_chunk(torch.tensor([child_row], device=x.device), count)
-            self.cache.adopt(torch.tensor([row], device=x.device), keys, values)
-            next_log_probs[row] = last
+
+        def gathered(rows: list[int]):
+            """keys, values (per layer, (R, heads, count, d)) and next-token log-probs (R, V) of ``rows``, in
+            order, read from the children that scored them (one gather per child)."""
+            keys = [x.new_empty((len(rows), heads, count, head_dim), dtype=torch.float32) for _ in range(layers)]
+            values = [torch.empty_like(k) for k in keys]
+            last = x.new_empty((len(rows), model.vocab_size), dtype=torch.float32)
+            by_child = {}
+            for n, row in enumerate(rows):
+                child, child_row, log_probs = local[row]
+                by_child.setdefault(id(child), (child, [], [], []))
+                by_child[id(child)][1].append(n)
+                by_child[id(child)][2].append(child_row)
+                by_child[id(child)][3].append(log_probs)
+            for child, slots, child_rows, lasts in by_child.values():
+                slots_t = torch.tensor(slots, device=x.device)
+                child_k, child_v = child.scored_chunk(torch.tensor(child_rows, device=x.device), count)
+                for layer in range(layers):
+                    keys[layer][slots_t], values[layer][slots_t] = child_k[layer], child_v[layer]
+                last[slots_t] = torch.stack(lasts)
+            return keys, values, last
+
+        mine = (owners == self.exchange.rank).nonzero().flatten()
+        if len(mine):
+            keys, values, last = gathered(mine.tolist())
+            self.cache.adopt(mine, keys, values)
+            next_log_probs[mine] = last
         per_row = 2 * layers * heads * count * head_dim + model.vocab_size
 
-        def pack(rows):
-            parts = []
-            for row in rows.tolist():
-                child, child_row, last = local[row]
-                keys, values = child.scored_chunk(torch.tensor([child_row], device=x.device), count)
-                parts += [t.flatten() for t in keys + values] + [last.flatten()]
-            return torch.cat(parts)
+        def pack(rows):  # layer-major: every layer's keys, then values, then the log-probs, each (R, ...)
+            keys, values, last = gathered(rows.tolist())
+            return torch.cat([t.flatten() for t in keys + values] + [last.flatten()])
 
         def unpack(rows, flat):
-            per_layer = heads * count * head_dim
-            for n, row in enumerate(rows.tolist()):
-                chunk = flat[n * per_row : (n + 1) * per_row]
-                tensors = [chunk[i * per_layer : (i + 1) * per_layer].view(1, heads, count, head_dim)
-                           for i in range(2 * layers)]
-                self.cache.adopt(torch.tensor([row], device=x.device), tensors[:layers], tensors[layers:])
-                next_log_probs[row] = chunk[2 * layers * per_layer :]
+            size = len(rows) * heads * count * head_dim
+            parts = [flat[i * size : (i + 1) * size].view(len(rows), heads, count, head_dim) for i in range(2 * layers)]
+            self.cache.adopt(rows, parts[:layers], parts[layers:])
+            next_log_probs[rows] = flat[2 * layers * size :].view(len(rows), model.vocab_size)
 
         self.exchange.broadcast_rows(owners, per_row, pack, unpack)
         self.cache.advance(count)

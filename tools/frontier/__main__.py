@@ -53,6 +53,46 @@ def _sweep(args) -> dict:
             "results": list(results.values())}
 
 
+def _profile(args) -> None:
+    """cProfile the grid setting named ``args.profile`` (after a warm-up): seconds per sample, the share of
+    each model's forwards, the sampler's own top costs."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    from tools.frontier.methods import default_grid, load_models, run_method
+
+    torch.set_num_threads(1)
+    models = load_models(args.runs, tuple(args.block_causal))
+    grid = {m.name: m for m in default_grid(models.length, args.energies, sorted(models.block_causal))}
+    if args.profile not in grid:
+        raise SystemExit(f"error: --profile {args.profile!r} is not a grid setting; e.g. {sorted(grid)[:3]}")
+    method = grid[args.profile]
+    run_method(models, method, 0, args.batch_size, args.batch_size)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    run = run_method(models, method, args.seeds[0], args.samples, args.batch_size)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    total = sum(entry[3] for key, entry in stats.stats.items() if key[2] == "run_method")
+    print(f"{method.name}: {1e3 * run['seconds']:.2f} ms/sample (profiled), {run['calls']:.1f} sequential calls, "
+          f"{run['tokens']:.0f} model tokens per sample, batch {args.batch_size}")
+    from edlm_dist.data.synthetic import SyntheticLanguage
+    from edlm_dist.models.ar import ARTransformer
+    from edlm_dist.models.dit import DiT
+    from edlm_dist.models.energy import EnergyModel
+
+    shares = {"denoiser (DiT forward)": DiT.forward, "AR model forward": ARTransformer.forward,
+              "NCE energy network": EnergyModel.forward, "exact language (oracle)": SyntheticLanguage._score}
+    for label, function in shares.items():
+        code = function.__code__
+        cum = sum(entry[3] for key, entry in stats.stats.items()
+                  if key[0] == code.co_filename and key[1] == code.co_firstlineno)
+        print(f"  {label}: {100 * cum / max(total, 1e-9):.0f} % of the time")
+    stats.sort_stats("tottime").print_stats(args.profile_top)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=Path, help="--out folder of `edlm pipeline` (mdlm/, ar/, nce/ inside)")
@@ -68,7 +108,12 @@ def main() -> None:
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--summary", type=Path, help="merge the headline numbers into this JSON file")
     parser.add_argument("--resamples", type=int, default=1000)
+    parser.add_argument("--profile", metavar="SETTING", help="cProfile one grid setting by name instead of the sweep")
+    parser.add_argument("--profile-top", type=int, default=12)
     args = parser.parse_args()
+    if args.profile:
+        _profile(args)
+        return
     if args.from_json:
         payload = json.loads(args.from_json.read_text())
     elif args.runs:

@@ -144,6 +144,7 @@ def validate_config(cfg: RunConfig) -> None:
         window_interval(s.window, "sample.window")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    _one_of(s.block_proposal, ["denoiser", "ar_first"], "sample.block_proposal")
     _check(s.block_size >= 0, f"sample.block_size must be >= 0 (got {s.block_size}); 0 means one block of the "
            "whole row")
     _check(s.block_size <= d.seq_len, f"sample.block_size={s.block_size} exceeds the row length data.seq_len="

@@ -119,6 +119,7 @@ class SampleConfig:
     window: Any = 0.2  # IS for grid times t in [t_lo, t_hi] = window (a pair), or [1 - window, 1] (a number)
     temperature: float = 1.0  # edlm: IS weights exp(-E / tau); ar: logits / tau
     block_size: int = 0  # commit the row block by block, left to right (docs/sampling.md); 0 = one block of L
+    block_proposal: str = "denoiser"  # block-wise EDLM-AR/coAR: ar_first = each block's first token from p_AR
     top_k: int = 0  # ar only, not the paper's protocol: keep the k likeliest next tokens (0 = all)
     top_p: float = 1.0  # ar only, not the paper's protocol: nucleus mass (1.0 = all)
     kv_cache: bool = True  # ar: incremental decoding; false recomputes the prefix per token (spec §5.7)

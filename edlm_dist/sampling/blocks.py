@@ -107,6 +107,26 @@ def prefix_session(model: Callable, view: type, batch: int, length: int, mask_id
     return _WholeRowSession(model, view, length, mask_id)
 
 
+class FirstTokenFromEnergy:
+    """A block's denoiser view whose proposal for the block's first position, while masked, is the energy's own
+    conditional log p_AR(x^lo | prefix) (``block_proposal=ar_first``; docs/sampling.md). The importance weights
+    use the same log-probabilities, so the target is unchanged; only the proposal improves."""
+
+    needs_rows = True
+
+    def __init__(self, view: Callable, log_probs: torch.Tensor, mask_id: int):
+        self.view, self.mask_id = view, mask_id
+        self.log_probs = log_probs.index_fill(-1, torch.tensor([mask_id], device=log_probs.device), float("-inf"))
+        self.time_conditioning = bool(getattr(view, "time_conditioning", False))
+
+    def __call__(self, x_block: torch.Tensor, t: torch.Tensor, *, rows: torch.Tensor) -> torch.Tensor:
+        log_mu = self.view(x_block, t, rows=rows).clone()
+        masked = (x_block[:, 0] == self.mask_id).to(log_mu.device)
+        first = self.log_probs[rows.to(self.log_probs.device)].to(log_mu.dtype)
+        log_mu[:, 0] = torch.where(masked[:, None], first, log_mu[:, 0])
+        return log_mu
+
+
 def _accumulate(total: SampleBatch, part: SampleBatch, rows: torch.Tensor) -> None:
     total.nfe += part.nfe
     total.energy_evaluations += part.energy_evaluations
@@ -156,6 +176,10 @@ def sample_blocks(
             continue
         views = [session.block(x, lo, hi, todo) for session in sessions]
         view, energy = views[0], (views[1] if energy_fn is not None else None)
+        if settings.sampler == "edlm" and settings.block_proposal == "ar_first":
+            first = getattr(sessions[-1], "first_token_log_probs", lambda lo, todo: None)(lo, todo)
+            if first is not None:
+                view = FirstTokenFromEnergy(view, first, mask_id)
         part = sample_batch(view, settings, [ids[r] for r in todo.tolist()], length=hi - lo, mask_id=mask_id,
                             device=device, energy_fn=energy, proposals=proposals, x_init=x[todo, lo:hi],
                             schedule=schedule, trace=trace, step_offset=j * settings.steps)

@@ -131,6 +131,14 @@ class ARPrefixSession:
         return True
 
 
+    def first_token_log_probs(self, lo: int, todo: torch.Tensor):
+        """(R, V) log p_AR(x^lo = . | committed prefix) of the rows ``todo``, as the cache holds it (None before
+        the first commit): a free, exact proposal for a block's first token (``block_proposal=ar_first``)."""
+        if self.next_log_probs is None or lo != self.filled or lo == 0:
+            return None
+        return self.next_log_probs[todo.to(self.next_log_probs.device)]
+
+
 class _RecomputedBlockScorer:
     """log p_AR of the block from one forward over [prefix, block] per proposal (no cache)."""
 

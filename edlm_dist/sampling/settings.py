@@ -12,6 +12,7 @@ from edlm_dist.sampling.mdlm import UPDATES
 
 PRECISIONS = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
 SAMPLERS = ("mdlm", "edlm", "ar")
+BLOCK_PROPOSALS = ("denoiser", "ar_first")  # docs/sampling.md, "Block-wise sampling"
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class SamplerSettings:
     top_p: float = 1.0
     kv_cache: bool = True
     block_size: int = 0  # block-wise sampling (sampling/blocks.py): b positions at a time; 0 = the whole row
+    block_proposal: str = "denoiser"  # block-wise EDLM: "ar_first" proposes each block's first token from p_AR
 
     def __post_init__(self) -> None:
         checks = [
@@ -56,6 +58,8 @@ class SamplerSettings:
             (self.sampler == "ar" or (self.top_k == 0 and self.top_p == 1.0),
              "top_k / top_p apply to sampler=ar only; the diffusion samplers draw from mu_theta untruncated"),
             (self.block_size >= 0, f"block_size must be >= 0 (got {self.block_size}); 0 = one block of the whole row"),
+            (self.block_proposal in BLOCK_PROPOSALS,
+             f"block_proposal '{self.block_proposal}' is unknown; use one of {list(BLOCK_PROPOSALS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -75,7 +79,8 @@ class SamplerSettings:
     @classmethod
     def from_config(cls, sample_cfg) -> "SamplerSettings":
         names = ("sampler", "update", "steps", "k", "window", "temperature", "redraw_every_step", "noise_removal",
-                 "precision", "seed", "skip_idle_is", "top_k", "top_p", "kv_cache", "block_size")
+                 "precision", "seed", "skip_idle_is", "top_k", "top_p", "kv_cache", "block_size",
+                 "block_proposal")
         return cls(**{name: getattr(sample_cfg, name) for name in names})
 
     @property

@@ -120,3 +120,26 @@ def test_block_wise_sampling_gives_the_same_tokens_with_and_without_the_cache(ar
     # T = 4 with window 1: the last step reveals the chosen proposal whole, so every block after the first is
     # committed into the cache by adoption, without an extension call.
     assert runs[True].prefix_calls == 0 and runs[False].prefix_calls == 0
+
+
+def test_ar_first_proposal_is_the_ar_conditional_and_leaves_the_target_alone(ar_state):
+    """block_proposal=ar_first with b = 1: each block's proposal IS p_AR(x^i | prefix) (read from the prefix cache),
+    so every importance weight is equal (ESS = k at every IS step) and the committed token follows p_AR: position 1's
+    empirical law matches the AR model's next-token distribution after the fixed position 0."""
+    denoiser = ModelDenoiser(_model("dit", _state("dit", 7)), MASK, V)
+    energy = AREnergy(_model("ar", ar_state), MASK, carry_over=False)
+    rows, k = 600, 3
+    x_init = torch.full((rows, L), MASK)
+    x_init[:, 0] = 0
+    settings = SamplerSettings(sampler="edlm", steps=1, k=k, window=1.0, block_size=1, seed=4, skip_idle_is=False,
+                               block_proposal="ar_first")
+    out = sample_blocks(denoiser, settings, range(rows), length=L, mask_id=MASK, energy_fn=energy, x_init=x_init)
+    assert all(abs(ess - k) < 1e-9 for ess in out.ess_per_step)  # every IS step: exactly equal weights
+    with torch.no_grad():
+        p_ar = energy.model.log_probs(x_init[:1, :1], MASK)[0, 0].exp().double()
+    law = torch.bincount(out.tokens[:, 1], minlength=V).double() / rows
+    sigma = (p_ar * (1 - p_ar) / rows).sqrt()
+    assert bool(((law - p_ar).abs() <= 4.5 * sigma + 1e-3).all()), (law, p_ar)
+    plain = sample_blocks(denoiser, SamplerSettings(**{**settings.__dict__, "block_proposal": "denoiser"}), range(8),
+                          length=L, mask_id=MASK, energy_fn=energy, x_init=x_init[:8])
+    assert any(ess < k - 1e-6 for ess in plain.ess_per_step[1:] if ess is not None)  # the denoiser's proposal differs

@@ -38,6 +38,7 @@ class Method:
     block_size: int = 0
     update: str = "ddpm_cache"
     model_block: int = 0  # > 0: the block-causal denoiser trained with this model.block_size (families bc-*)
+    block_proposal: str = "denoiser"  # "ar_first": each block's first token proposed from p_AR (families *-arfirst)
 
     @property
     def curve(self) -> str:
@@ -62,13 +63,13 @@ class Method:
             return SamplerSettings(sampler="ar", seed=seed)
         sampler = "mdlm" if self.energy is None else "edlm"
         return SamplerSettings(sampler=sampler, update=self.update, steps=self.steps, k=self.k, window=self.window,
-                               block_size=self.block_size, seed=seed)
+                               block_size=self.block_size, seed=seed, block_proposal=self.block_proposal)
 
     def as_dict(self) -> dict:
         window = list(self.window) if isinstance(self.window, tuple) else self.window
         return {"family": self.family, "curve": self.curve, "name": self.name, "steps": self.steps,
                 "energy": self.energy, "k": self.k, "window": window, "block_size": self.block_size,
-                "update": self.update, "model_block": self.model_block}
+                "update": self.update, "model_block": self.model_block, "block_proposal": self.block_proposal}
 
 
 def _window_text(window) -> str:
@@ -190,6 +191,10 @@ def default_grid(length: int, energies=ENERGIES, model_blocks=()) -> list[Method
         blocks = ((2, 8),) if long and energy == "nce" else ((1, 4), (2, 8), (2, 32), (4, 16))
         grid += [Method(f"edlm-{energy}-block", steps, energy, k=k, window=1.0, block_size=b)
                  for b, k in blocks for steps in (1, 2, 4) if steps <= b + 1 and (energy != "coar" or steps > 1)]
+        if energy in ("ar", "coar"):  # the first token of each block proposed from the AR prefix cache
+            grid += [Method(f"edlm-{energy}-block-arfirst", steps, energy, k=k, window=1.0, block_size=b,
+                            block_proposal="ar_first")
+                     for b, k in ((2, 8), (2, 32), (3, 32), (4, 32)) for steps in (1, 2) if energy != "coar" or steps > 1]
     for m in model_blocks:  # block-causal denoisers: sampler blocks that divide the model's
         sizes = [b for b in (1, 2, 4, 8) if b <= m and m % b == 0]
         grid += [Method("bc-mdlm", steps, block_size=b, model_block=m) for b in sizes for steps in (1, 2, 4, 8)
@@ -198,4 +203,8 @@ def default_grid(length: int, energies=ENERGIES, model_blocks=()) -> list[Method
             grid += [Method(f"bc-edlm-{energy}-block", steps, energy, k=k, window=1.0, block_size=b, model_block=m)
                      for b, k in ((1, 4), (2, 8), (2, 32), (4, 16)) if b in sizes for steps in (1, 2, 4)
                      if steps <= b + 1 and (energy != "coar" or steps > 1) and energy != "nce"]
+            if energy == "ar":
+                grid += [Method("bc-edlm-ar-block-arfirst", steps, "ar", k=k, window=1.0, block_size=b, model_block=m,
+                                block_proposal="ar_first")
+                         for b, k in ((2, 8), (2, 32), (4, 32)) if b in sizes for steps in (1, 2)]
     return grid

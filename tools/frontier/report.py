@@ -16,7 +16,10 @@ EVERY_MDLM = ("mdlm", "mdlm-ancestral", "mdlm-block", "bc-mdlm")
 def edlm_families(rep: Replicates, energy: str) -> dict[str, tuple]:
     """The EDLM families of one energy present in the run: whole row, block-wise, block-causal, and all."""
     out = {name: (family,) for name, family in (("whole_row", f"edlm-{energy}"), ("block", f"edlm-{energy}-block"),
-                                                  ("block_causal", f"bc-edlm-{energy}-block")) if family in rep.curves}
+                                                  ("block_ar_first", f"edlm-{energy}-block-arfirst"),
+                                                  ("block_causal", f"bc-edlm-{energy}-block"),
+                                                  ("block_causal_ar_first", f"bc-edlm-{energy}-block-arfirst"))
+           if family in rep.curves}
     if out:
         out["best"] = tuple(f for families in out.values() for f in families)
     return out
@@ -120,7 +123,8 @@ def plot(rep: Replicates, path: Path, title: str, energies) -> None:
             for index in rep.curves.get("ar", {}).values():
                 ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), "*", ms=12, color="crimson",
                         label="AR sampler")
-            for family, ls in ((f"edlm-{energy}", "--"), (f"edlm-{energy}-block", "-"), (f"bc-edlm-{energy}-block", "-.")):
+            for family, ls in ((f"edlm-{energy}", "--"), (f"edlm-{energy}-block", "-"), (f"edlm-{energy}-block-arfirst", ":"),
+                               (f"bc-edlm-{energy}-block", "-."), (f"bc-edlm-{energy}-block-arfirst", ":")):
                 for curve, index in rep.curves.get(family, {}).items():
                     ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), ls=ls, marker=".", ms=5,
                             lw=1.2, label=curve)

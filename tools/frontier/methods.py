@@ -194,7 +194,8 @@ def default_grid(length: int, energies=ENERGIES, model_blocks=()) -> list[Method
         if energy in ("ar", "coar"):  # the first token of each block proposed from the AR prefix cache
             grid += [Method(f"edlm-{energy}-block-arfirst", steps, energy, k=k, window=1.0, block_size=b,
                             block_proposal="ar_first")
-                     for b, k in ((2, 8), (2, 32), (3, 32), (4, 32)) for steps in (1, 2) if energy != "coar" or steps > 1]
+                     for b, k in ((2, 8), (2, 32), (3, 32), (4, 32)) + (((3, 128), (4, 128)) if long else ())
+                     for steps in (1, 2) if energy != "coar" or steps > 1]
     for m in model_blocks:  # block-causal denoisers: sampler blocks that divide the model's
         sizes = [b for b in (1, 2, 4, 8) if b <= m and m % b == 0]
         grid += [Method("bc-mdlm", steps, block_size=b, model_block=m) for b in sizes for steps in (1, 2, 4, 8)

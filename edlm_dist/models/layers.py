@@ -18,11 +18,20 @@ import torch.utils.checkpoint
 
 # ----------------------------------------------------------------------------- replicated pieces
 def _apex_layer_norm():
+    """apex's fused LayerNorm when apex and its compiled CUDA extension are both importable, else None.
+
+    apex imports ``fused_layer_norm_cuda`` lazily, at the first forward: an apex installed without its
+    CUDA extensions (a plain ``pip install`` of the source tree) imports fine and then fails mid-training.
+    Importing the extension here moves that failure to construction, where it falls back to torch.
+    """
+    import importlib
+
     try:
         from apex.normalization.fused_layer_norm import fused_layer_norm  # NVIDIA apex (cluster builds)
 
+        importlib.import_module("fused_layer_norm_cuda")
         return fused_layer_norm
-    except ImportError:
+    except Exception:  # noqa: BLE001 - ImportError, or an extension built for another torch/CUDA (OSError)
         return None
 
 
@@ -90,8 +99,11 @@ class Rotary(nn.Module):
     def cos_sin(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (length, str(device))
         if key not in self._cache:
-            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-            freqs = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
+            # Computed on the CPU whatever the device (the same angles at any device), then moved.
+            cpu = torch.device("cpu")
+            inv_freq = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=cpu)
+                                            / self.head_dim))
+            freqs = torch.outer(torch.arange(length, dtype=torch.float32, device=cpu), inv_freq)
             angles = torch.cat((freqs, freqs), dim=-1)  # (L, d): angle i and i + d/2 pair up
             self._cache[key] = (angles.cos().to(device), angles.sin().to(device))
         return self._cache[key]

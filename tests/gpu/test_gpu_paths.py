@@ -31,24 +31,31 @@ def _logits_and_grads(kind: str, tp: int):
     from edlm_dist.models.build import build_model
     from edlm_dist.parallel.sharded_state import full_grads
     from edlm_dist.parallel.runtime import init_parallel
+    from tests.models.model_helpers import randomise_weights
 
     cfg = load_config(None, TINY + [f"parallel.tp={tp}"])
     ctx = init_parallel(cfg, training=False)
     torch.manual_seed(0)
     model = build_model(kind, cfg.model, V, L, device=ctx.device)
-    g = torch.Generator().manual_seed(1)
+    randomise_weights(model, seed=3)  # zero-initialised output layers would give zero logits and gradients
+    g = torch.Generator(device="cpu").manual_seed(1)
     tokens = torch.randint(0, V, (B, L), generator=g).to(ctx.device)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(tokens, tokens) if kind == "energy" else model(tokens, gather_logits=True) if kind == "ar" \
             else model(tokens, None, gather_logits=True)
     out.float().pow(2).mean().backward()
-    return out.float().cpu(), {k: v.float().cpu() for k, v in full_grads(model).items()}
+    grads = {k: v.float().cpu() for k, v in full_grads(model).items()}
+    assert grads.keys() == {name for name, _ in model.named_parameters()}, "a parameter got no gradient"
+    return out.float().cpu(), grads
 
 
 @pytest.mark.parametrize("kind", ["dit", "ar", "energy"])
 def test_tp2_equals_tp1_with_nccl_and_bf16(kind):
     _need_gpus(2)
     out1, grads1 = run_on_ranks(_logits_and_grads, 1, kind, 1, start_method="spawn")[0]
+    assert out1.abs().max() > 0
+    silent = [name for name, grad in grads1.items() if not grad.abs().max() > 0]
+    assert not silent, f"parameters with an all-zero gradient: {silent}"  # the check below must compare something
     for out2, grads2 in run_on_ranks(_logits_and_grads, 2, kind, 2, start_method="spawn"):
         # bf16 matmuls with a different reduction split: agree to bf16 precision (8 bits of mantissa).
         torch.testing.assert_close(out2, out1, rtol=2e-2, atol=2e-2)
@@ -105,6 +112,7 @@ def _pipeline(out_dir):
     return run_pipeline(cfg, out_dir)
 
 
+@pytest.mark.timeout(1900)  # above the rank's own 1800 s limit, so that one reports what was running
 def test_demo_pipeline_on_one_gpu_in_bf16(tmp_path):
     _need_gpus(1)
     results = run_on_ranks(_pipeline, 1, tmp_path, start_method="spawn", timeout=1800)[0]

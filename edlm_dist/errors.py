@@ -31,4 +31,9 @@ class SamplingError(EdlmError):
 
 
 class TrainingError(EdlmError):
-    """A training run that must stop (NaN/Inf loss, dead peer)."""
+    """A training run that must stop (NaN/Inf loss or state, a diverging loss, dead peer)."""
+
+
+class OutputError(EdlmError):
+    """An output that cannot be written: disk full, read-only file system, a file where a folder belongs,
+    or a folder another run is using."""

@@ -19,21 +19,24 @@ PACKAGE = REPO / "edlm_dist"
 
 # Each part of edlm_dist and the parts it may import (besides itself). Read bottom-up in
 # docs/architecture.md; a part never imports a part listed after it.
+BOTTOM = {"errors", "storage", "preemption"}  # below everything: any part may import them
 ALLOWED = {
     "errors": set(),
     "fingerprint": set(),
-    "config": {"errors"},
-    "parallel": {"errors", "config", "fingerprint"},
-    "data": {"errors", "config"},
-    "objectives": {"errors"},
-    "models": {"errors", "config", "parallel", "objectives"},
-    "artifacts": {"errors", "config", "parallel", "data", "objectives", "models"},
-    "sampling": {"errors", "config", "fingerprint", "parallel", "objectives", "artifacts"},
-    "training": {"errors", "config", "parallel", "data", "objectives", "models", "artifacts", "sampling"},
-    "evaluation": {"errors", "config", "parallel", "data", "objectives", "models", "artifacts", "sampling"},
-    "pipeline": {"errors", "config", "parallel", "data", "objectives", "models", "artifacts", "sampling", "training",
-                 "evaluation"},
-    "cli": {"errors", "config", "data", "training", "sampling", "evaluation", "pipeline", "artifacts"},
+    "storage": {"errors"},
+    "preemption": {"errors"},
+    "config": BOTTOM,
+    "parallel": BOTTOM | {"config", "fingerprint"},
+    "data": BOTTOM | {"config"},
+    "objectives": BOTTOM,
+    "models": BOTTOM | {"config", "parallel", "objectives"},
+    "artifacts": BOTTOM | {"config", "parallel", "data", "objectives", "models"},
+    "sampling": BOTTOM | {"config", "fingerprint", "parallel", "objectives", "artifacts"},
+    "training": BOTTOM | {"config", "parallel", "data", "objectives", "models", "artifacts", "sampling"},
+    "evaluation": BOTTOM | {"config", "parallel", "data", "objectives", "models", "artifacts", "sampling"},
+    "pipeline": BOTTOM | {"config", "parallel", "data", "objectives", "models", "artifacts", "sampling", "training",
+                          "evaluation"},
+    "cli": BOTTOM | {"config", "data", "training", "sampling", "evaluation", "pipeline", "artifacts"},
 }
 # Single-device math: plain PyTorch, no process groups (parallelism lives in edlm_dist/parallel/).
 MATH_MODULES = [

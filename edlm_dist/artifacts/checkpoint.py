@@ -16,7 +16,6 @@ weights that sampling, eval and export read are a different format (:mod:`edlm_d
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import shutil
@@ -28,15 +27,19 @@ import torch
 import torch.distributed as dist
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from edlm_dist.artifacts.files import write_text_atomic
+from edlm_dist.artifacts.readers import guarded, load_torch_file, read_meta_json
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
-from edlm_dist.errors import CheckpointError
+from edlm_dist.errors import CheckpointError, OutputError
+from edlm_dist.storage.files import remove_quietly, swap_in, write_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 META_FILE = "meta.json"
+META_KEYS = ("format_version", "step", "signature", "config")
+RANK_STATE_KEYS = ("step", "loader", "noise", "rng")
+EARLIER = "use an earlier checkpoint (point checkpoints/latest at it) or a fresh --out"
 
 
 def model_signature(cfg: RunConfig, kind: str, vocab_size: int) -> dict[str, Any]:
@@ -85,8 +88,15 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    tag = pointer.read_text().strip()
+    try:
+        tag = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{pointer} is unreadable ({exc}); write the tag of a complete checkpoint into it "
+                              "(e.g. step_00000100) or delete it to start over") from None
     path = root / tag
+    if not tag or "/" in tag or tag in (".", ".."):
+        raise CheckpointError(f"{pointer} holds {tag!r}, not a checkpoint tag; write the tag of a complete "
+                              f"checkpoint into it (e.g. step_00000100) or delete it to start over")
     if not (path / META_FILE).is_file():
         raise CheckpointError(f"{pointer} names '{tag}' but {path}/{META_FILE} is missing; "
                               f"restore the folder or delete {pointer} to start over")
@@ -94,21 +104,18 @@ def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:
 
 
 def read_meta(path: Path) -> dict:
-    try:
-        return json.loads((path / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"checkpoint metadata {path}/{META_FILE} is unreadable ({exc}); "
-                              "use an earlier checkpoint or a fresh --out") from None
+    return read_meta_json(path / META_FILE, what="checkpoint metadata", fix=EARLIER, required=META_KEYS)
 
 
 def check_compatible(meta: dict, signature: dict, path: Path) -> None:
-    version = int(meta.get("format_version", -1))
+    version = meta.get("format_version", -1)
+    version = version if isinstance(version, int) and not isinstance(version, bool) else -1
     if version > FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format version {version}, newer than this edlm-dist "
                               f"supports ({FORMAT_VERSION}); upgrade edlm-dist to load it")
     if version < 1:
         raise CheckpointError(f"checkpoint {path} has no valid format version; it was not written by edlm-dist")
-    theirs = meta.get("signature", {})
+    theirs = meta.get("signature") if isinstance(meta.get("signature"), dict) else {}
     diffs = [f"{k} {theirs.get(k)} vs {v}" for k, v in signature.items() if theirs.get(k) != v]
     if diffs:
         raise CheckpointError(f"checkpoint {path} is for a different model ({'; '.join(diffs)} in the config); "
@@ -124,7 +131,7 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
     partial_tag = f".partial-{tag}"
     partial = root / partial_tag
     rank = dist.get_rank() if dist.is_initialized() else 0
-    error = None
+    error: Optional[BaseException] = None
     try:
         if rank == 0:
             root.mkdir(parents=True, exist_ok=True)
@@ -141,19 +148,18 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
     if _all_ok(error is None) and rank == 0:
         try:  # the last writes can fail too (disk full at META_FILE): same clear error, same cleanup
             meta = {"format_version": FORMAT_VERSION, "step": step, "signature": signature,
-                    "config": config_to_dict(cfg), "world_size": dist.get_world_size() if dist.is_initialized() else 1}
-            (partial / META_FILE).write_text(json.dumps(meta, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(partial, final)
-            write_text_atomic(root / LATEST, tag)
-        except OSError as exc:
+                    "config": config_to_dict(cfg), "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                    "ema": ema_state is not None, "state_checked_finite": True}
+            write_json_atomic(partial / META_FILE, meta)
+            swap_in(partial, final)  # a complete checkpoint of this step from an earlier attempt goes only now
+            write_atomic(root / LATEST, tag)
+        except (OSError, OutputError) as exc:
             error = exc
     if not _all_ok(error is None):  # every rank raises together
         if rank == 0:
-            shutil.rmtree(partial, ignore_errors=True)
+            remove_quietly(partial)
         previous = latest_checkpoint(out_dir)
-        reason = str(error).splitlines()[0] if error else "another rank failed to write"
+        reason = _write_reason(error)
         raise CheckpointError(f"could not write checkpoint step {step} under {root} ({reason}); "
                               f"the previous checkpoint ({previous.name if previous else 'none'}) is kept; "
                               "free disk space or fix permissions, then re-run to resume")
@@ -161,6 +167,15 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
         _prune(root, keep_last)
     _barrier()
     return final
+
+
+def _write_reason(error: Optional[BaseException]) -> str:
+    if error is None:
+        return "another rank failed to write"
+    if isinstance(error, OSError):
+        return error.strerror or str(error).splitlines()[0]
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return text.split(" (", 1)[-1].split(");")[0] if isinstance(error, OutputError) else text
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -180,17 +195,18 @@ def load_checkpoint(engine, path: Path, *, signature: dict, tp_rank: int, dp_ran
         raise CheckpointError(f"checkpoint {path} was written by {meta['world_size']} ranks, this run has {world}; "
                               "resume with the same number of processes")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    try:
-        load_path, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        extras = torch.load(path / f"rank_{rank:05d}.pt", weights_only=False)
-    except (OSError, RuntimeError, KeyError) as exc:
-        raise CheckpointError(f"checkpoint {path} could not be loaded ({str(exc).splitlines()[0]}); "
-                              "use an earlier checkpoint or a fresh --out") from None
+    load_path, _ = guarded(lambda: engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                                          load_lr_scheduler_states=True),
+                           what=f"checkpoint {path} could not be loaded", fix=EARLIER)
     if load_path is None:
-        raise CheckpointError(f"DeepSpeed found no checkpoint in {path}; use an earlier checkpoint or a fresh --out")
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {path}; {EARLIER}")
+    extras = load_torch_file(path / f"rank_{rank:05d}.pt", what="checkpoint rank state", fix=EARLIER,
+                             required=RANK_STATE_KEYS)
     ema_file = path / f"ema_tp{tp_rank:02d}.pt"
-    ema = torch.load(ema_file, weights_only=False) if ema_file.is_file() else None
+    ema = None
+    if ema_file.is_file() or meta.get("ema", False):  # a checkpoint that had EMA must still have it
+        ema = load_torch_file(ema_file, what="checkpoint EMA shard", fix=EARLIER,
+                              required=("num_updates", "shadow"))
     return extras, ema
 
 

@@ -16,27 +16,28 @@ folder, or a DeepSpeed checkpoint folder (``OUT/checkpoints/step_X``, consolidat
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import models as token_models
 from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
 from edlm_dist.artifacts import hf_models
-from edlm_dist.artifacts.weights import HF_EXPORT_META, read_weights_meta, tokenizer_for, weights_file
+from edlm_dist.artifacts.readers import check_tensors_finite, load_safetensors, read_meta_json
+from edlm_dist.artifacts.weights import HF_EXPORT_META, REEXPORT, read_weights_meta, tokenizer_for, weights_file
 from edlm_dist.artifacts.zero_to_fp32 import checkpoint_to_weights
 from edlm_dist.config.load import config_from_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.learned_tokenizers import SPECIALS, LearnedTokenizer
 from edlm_dist.data.tokenizers import TEXT8_SPECIALS
 from edlm_dist.errors import CheckpointError, DataError
+from edlm_dist.storage.files import output_error, remove_quietly, swap_in_entries, write_json_atomic
+from edlm_dist.storage.outputs import LOCK_FILE
 
 META_FILE = HF_EXPORT_META
 
@@ -51,10 +52,8 @@ def load_export_source(path: str | os.PathLike, *, use_ema: bool,
         folder = checkpoint_to_weights(path, Path(scratch) / "weights")  # raises if it is no checkpoint either
         folder, meta = read_weights_meta(folder)
     name = weights_file(folder, use_ema)
-    try:
-        state = load_file(str(folder / name))
-    except OSError as exc:
-        raise CheckpointError(f"cannot read {folder / name} ({exc}); re-export the weights from the run") from None
+    state = load_safetensors(folder / name, what="weights file", fix=REEXPORT)
+    check_tensors_finite(state, folder / name, what="the weights", fix=REEXPORT)
     return state, meta, config_from_dict(meta["config"]), name
 
 
@@ -121,7 +120,8 @@ def _hf_state_and_config(kind: str, state: dict[str, torch.Tensor], meta: dict, 
 
 
 def _check_target(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / META_FILE).is_file():
+    entries = [p for p in out.iterdir() if p.name != LOCK_FILE] if out.is_dir() else []
+    if entries and not (out / META_FILE).is_file():
         raise CheckpointError(f"--out {out} exists and is not an edlm export; choose an empty or new folder")
 
 
@@ -129,8 +129,8 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool 
     """Write the Hugging Face folder ``out`` for the model at ``path``; returns ``out``."""
     out = Path(out)
     _check_target(out)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = out / ".building"  # inside --out (which holds the lock); swapped in once complete
+    remove_quietly(tmp)
     tmp.mkdir(parents=True)
     try:
         state, meta, cfg, source = load_export_source(path, use_ema=use_ema, scratch=tmp / ".scratch")
@@ -139,17 +139,23 @@ def export_hf(path: str | os.PathLike, out: str | os.PathLike, *, use_ema: bool 
         save_file(hf_state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         hf_config.save_pretrained(str(tmp))
         hf_tokenizer(tok, model_max_length=int(meta["seq_len"])).save_pretrained(str(tmp))
-        shutil.rmtree(tmp / ".scratch", ignore_errors=True)
-        (tmp / META_FILE).write_text(json.dumps({**meta, "exported_weights": source}, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        remove_quietly(tmp / ".scratch")
+        write_json_atomic(tmp / META_FILE, {**meta, "exported_weights": source})
+    except OSError as exc:
+        remove_quietly(tmp)
+        raise output_error(out, exc) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_quietly(tmp)
         raise
+    names = sorted(p.name for p in tmp.iterdir() if p.name != META_FILE)
+    swap_in_entries(tmp, out, names, marker=META_FILE)
+    for stale in out.iterdir():  # files of an earlier export that this one does not have
+        if stale.name not in names + [META_FILE, LOCK_FILE]:
+            remove_quietly(stale)
     return out
 
 
 def read_export_meta(out: str | os.PathLike) -> dict:
     """The ``edlm_meta.json`` of an export folder: the weights' meta plus which file was exported."""
-    return json.loads((Path(out) / META_FILE).read_text())
+    return read_meta_json(Path(out) / META_FILE, what="export metadata", fix="export the run again",
+                          required=("kind",))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edlm_dist.artifacts.files import write_json_atomic, write_text_atomic
 from edlm_dist.errors import DataError
+from edlm_dist.storage.files import remove_quietly, swap_in_entries, write_atomic, write_json_atomic
 
 SAMPLES_FILE, SUMMARY_FILE = "samples.jsonl", "summary.json"
 
@@ -26,10 +26,20 @@ def summary_path(folder: str | Path) -> Path:
 
 
 def write_sample_folder(folder: str | Path, records: list[dict], summary: dict) -> Path:
-    """Write the rows, then the summary (its presence marks a finished folder); returns the rows' path."""
-    path = write_text_atomic(samples_path(folder), "".join(json.dumps(r) + "\n" for r in records))
-    write_json_atomic(summary_path(folder), summary)
-    return path
+    """Write rows and summary into ``FOLDER/.building`` first, then swap them in (the summary last: its
+    presence marks a finished folder). Earlier samples there stay intact until the new ones are complete."""
+    folder = Path(folder)
+    built = folder / ".building"
+    remove_quietly(built)
+    built.mkdir(parents=True)
+    try:
+        write_atomic(samples_path(built), "".join(json.dumps(r) + "\n" for r in records))
+        write_json_atomic(summary_path(built), summary)
+    except BaseException:
+        remove_quietly(built)
+        raise
+    swap_in_entries(built, folder, [SAMPLES_FILE], marker=SUMMARY_FILE)
+    return samples_path(folder)
 
 
 def read_samples_jsonl(path: str | Path) -> list[dict]:

@@ -10,30 +10,32 @@ half-written. The readers also rebuild what a model needs from its meta: the tok
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from edlm_dist.artifacts import hf_models
+from edlm_dist.artifacts.readers import check_tensors_finite, guarded, load_safetensors, read_meta_json
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.shards import TOKENIZER_DIR, has_manifest, load_manifest, saved_tokenizer
 from edlm_dist.data.synthetic import SyntheticLanguage, language_from_manifest
 from edlm_dist.data.tokenizers import Tokenizer, tokenizer_from_description
-from edlm_dist.errors import CheckpointError
+from edlm_dist.errors import CheckpointError, OutputError
 from edlm_dist.models.build import build_model
 from edlm_dist.parallel.sharded_state import full_tensors, load_full_state_dict
+from edlm_dist.storage.files import remove_quietly, swap_in, write_json_atomic
 
 WEIGHTS_DIR = "weights"
 META_FILE = "meta.json"
 HF_EXPORT_META = "edlm_meta.json"  # the meta of an `edlm export-hf` folder (artifacts/hf_export.py)
 MODEL_FILE, EMA_FILE = "model.safetensors", "ema.safetensors"
 FORMAT_VERSION = 1
+META_KEYS = ("kind", "vocab_size", "seq_len", "mask_id", "config")  # what loading a model reads
+REEXPORT = "re-export them from the training run (`edlm train` again on its --out writes OUT/weights)"
 
 
 def export_weights(module: torch.nn.Module, out_dir: str | os.PathLike, *, ema_shadow: Optional[list] = None,
@@ -49,20 +51,22 @@ def export_weights(module: torch.nn.Module, out_dir: str | os.PathLike, *, ema_s
 
 def write_weights_folder(target: Path, raw: dict, ema: Optional[dict], meta: dict[str, Any]) -> Path:
     """Write model/ema safetensors + meta.json into ``target`` atomically (temporary folder + rename)."""
+    for name, state in (("weights", raw), ("EMA weights", ema or {})):
+        check_tensors_finite(state, None, what=f"the {name} to export", fix="they were not written; lower train.lr")
     tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_quietly(tmp)
     try:
         tmp.mkdir(parents=True)
         save_file(raw, str(tmp / MODEL_FILE))
         if ema is not None:
             save_file(ema, str(tmp / EMA_FILE))
-        (tmp / META_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, **meta}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write weights to {target} ({exc}); free disk space or fix permissions")
+        write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
+        swap_in(tmp, target)  # the previous weights go only once the new folder is complete
+    except (OSError, OutputError) as exc:
+        remove_quietly(tmp)
+        reason = exc.strerror if isinstance(exc, OSError) else str(exc).split(" (", 1)[-1].split(");")[0]
+        raise CheckpointError(f"could not write weights to {target} ({reason}); free disk space or fix "
+                              "permissions (the previous weights, if any, are kept)") from None
     return target
 
 
@@ -84,18 +88,16 @@ def is_hf_export(path: str | os.PathLike) -> bool:
 
 def read_weights_meta(path: str | os.PathLike) -> tuple[Path, dict]:
     if is_hf_export(path):  # sample and eval accept export folders too
-        try:
-            return Path(path), json.loads((Path(path) / HF_EXPORT_META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path}/{HF_EXPORT_META} is unreadable ({exc}); export the run again") from None
+        return Path(path), read_meta_json(Path(path) / HF_EXPORT_META, what="export metadata", required=META_KEYS,
+                                          fix="export the run again (`edlm export-hf`)")
     folder = resolve_weights_dir(path)
-    try:
-        meta = json.loads((folder / META_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{folder}/{META_FILE} is unreadable ({exc}); re-export the weights") from None
-    if int(meta.get("format_version", -1)) > FORMAT_VERSION:
-        raise CheckpointError(f"weights at {folder} have format {meta['format_version']}, newer than this "
-                              f"edlm-dist supports ({FORMAT_VERSION}); upgrade edlm-dist")
+    meta = read_meta_json(folder / META_FILE, what="weights metadata", fix=REEXPORT, required=META_KEYS)
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"weights metadata {folder}/{META_FILE} has no valid format_version; {REEXPORT}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"weights at {folder} have format {version}, newer than this edlm-dist supports "
+                              f"({FORMAT_VERSION}); upgrade edlm-dist")
     return folder, meta
 
 
@@ -121,16 +123,18 @@ def load_trained_model(path: str | os.PathLike, *, use_ema: bool = True, expect_
         raise CheckpointError(f"'{path}' holds a '{kind}' model but a '{expect_kind}' model is needed here; "
                               "pass the run folder of the right `edlm train` objective")
     cfg = config_from_dict(meta["config"])
-    model = build_model(kind, cfg.model, meta["vocab_size"], meta["seq_len"], device=device)
+    model = guarded(lambda: build_model(kind, cfg.model, meta["vocab_size"], meta["seq_len"], device=device),
+                    what=f"{folder} records a model that cannot be built", fix=REEXPORT)
     exported = is_hf_export(folder)  # an export holds the weights it was made from (EMA unless --no-ema)
     name = "model.safetensors" if exported else weights_file(folder, use_ema)
-    try:
-        state = (hf_models.edlm_module_from_export(str(folder), kind, cfg.model) if exported
-                 else load_file(str(folder / name)))
-        load_full_state_dict(model, state)
-    except (OSError, ValueError, RuntimeError, CheckpointError) as exc:
-        raise CheckpointError(f"weights {folder / name} do not fit the recorded model ({str(exc).splitlines()[0]}); "
-                              "re-export them from the training run") from None
+    if exported:
+        state = guarded(lambda: hf_models.edlm_module_from_export(str(folder), kind, cfg.model),
+                        what=f"the export {folder} cannot be loaded", fix="export the run again (`edlm export-hf`)")
+    else:
+        state = load_safetensors(folder / name, what="weights file", fix=REEXPORT)
+    check_tensors_finite(state, folder / name, what="the weights", fix=REEXPORT)
+    guarded(lambda: load_full_state_dict(model, state), what=f"weights {folder / name} do not fit the recorded model",
+            fix=REEXPORT)
     model.eval()
     return model, meta, cfg
 

@@ -29,6 +29,7 @@ import torch
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from edlm_dist.artifacts import checkpoint as ckpt
+from edlm_dist.artifacts.readers import guarded, load_torch_file
 from edlm_dist.artifacts.weights import weights_meta, write_weights_folder
 from edlm_dist.config.load import config_from_dict
 from edlm_dist.config.schema import RunConfig
@@ -37,6 +38,7 @@ from edlm_dist.errors import CheckpointError
 from edlm_dist.models.build import build_model
 from edlm_dist.parallel.sharded_state import VOCAB_ROWS_ATTR, is_tp_sharded
 
+INCOMPLETE = "the checkpoint is incomplete or corrupt; use an earlier one"
 CHECKPOINT_MARKER = "signature"  # key of a checkpoint's meta.json (weights' meta.json has "kind" instead)
 
 
@@ -72,7 +74,7 @@ def _tp_rank_fp32_state(step_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]
         model_file = step_dir / f"{tag}_model_states.pt"
         if not model_file.is_file():
             raise CheckpointError(f"{model_file} is missing; the checkpoint is incomplete, use an earlier one")
-        state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        state = load_torch_file(model_file, what="DeepSpeed model state", fix=INCOMPLETE, required=("module",))["module"]
         return {k: v.float() for k, v in state.items()}
     # DeepSpeed globs every *_optim_states.pt of the folder; show it one TP rank's files only.
     with tempfile.TemporaryDirectory(prefix="edlm-zero-") as tmp:
@@ -80,12 +82,11 @@ def _tp_rank_fp32_state(step_dir: Path, tp_rank: int) -> dict[str, torch.Tensor]
         view.mkdir()
         for file in step_dir.glob(f"*{tag}_*states.pt"):
             os.symlink(file.resolve(), view / file.name)
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
-                state = get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag)
-        except (FileNotFoundError, ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"DeepSpeed could not consolidate {step_dir} ({str(exc).splitlines()[0]}); "
-                                  "the checkpoint is incomplete or from another DeepSpeed version") from None
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+            state = guarded(lambda: get_fp32_state_dict_from_zero_checkpoint(tmp, tag=tag),
+                            what=f"DeepSpeed could not consolidate {step_dir}",
+                            fix="the checkpoint is incomplete, corrupt or from another DeepSpeed version; use an "
+                                "earlier one")
     return {k: v.float() for k, v in state.items()}
 
 
@@ -123,7 +124,8 @@ def consolidate_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Ten
     ema = None
     ema_files = [step_dir / f"ema_tp{r:02d}.pt" for r in range(tp)]
     if all(f.is_file() for f in ema_files):
-        shadows = [torch.load(f, map_location="cpu", weights_only=False)["shadow"] for f in ema_files]
+        shadows = [load_torch_file(f, what="checkpoint EMA shard", fix=INCOMPLETE, required=("shadow",))["shadow"]
+                   for f in ema_files]
         trainable = [(n, p) for n, p in params.items() if p.requires_grad]
         if any(len(s) != len(trainable) for s in shadows):
             raise CheckpointError(f"EMA files in {step_dir} do not match the model's {len(trainable)} parameters")

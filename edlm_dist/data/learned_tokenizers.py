@@ -17,13 +17,13 @@ rebuilds the exact tokenizer even where the data folder is gone or remote.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from edlm_dist.errors import DataError
+from edlm_dist.storage.files import write_json_atomic, write_with
 
 KINDS = ("char", "byte")
 TOKENIZER_FILE = "edlm_tokenizer.json"  # every saved edlm tokenizer folder: {"type": ..., ...}
@@ -71,8 +71,8 @@ class LearnedTokenizer:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        self.backend.save(str(folder / BACKEND_FILE))
-        (folder / TOKENIZER_FILE).write_text(json.dumps({"type": self.name, "backend": BACKEND_FILE}, indent=2) + "\n")
+        write_with(folder / BACKEND_FILE, lambda tmp: self.backend.save(str(tmp)))
+        write_json_atomic(folder / TOKENIZER_FILE, {"type": self.name, "backend": BACKEND_FILE}, indent=2)
 
     def describe(self) -> dict:
         return {"name": self.name, "vocab_size": self.vocab_size, "mask_id": self.mask_id, "bos_id": self.bos_id,

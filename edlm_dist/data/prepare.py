@@ -14,6 +14,10 @@ Pipeline per split (``train``, ``valid``):
    neighbouring rows are not neighbouring text; validation rows keep corpus order.
 4. ``tokenizer/`` and finally ``manifest.json`` (see :mod:`edlm_dist.data.shards`).
 
+All of it is written into ``OUT/.building`` and swapped in only once complete
+(:func:`edlm_dist.storage.files.swap_in_entries`): with ``--overwrite`` the previous dataset stays intact
+until the new one is known good (an input refused half-way, a full disk or a kill leaves it as it was).
+
 Everything depends only on the inputs and ``seed``: two runs give byte-identical tars and manifest.
 """
 
@@ -36,6 +40,8 @@ from edlm_dist.data.synthetic import SyntheticLanguage
 from edlm_dist.data.tokenizers import LEARNED, build_tokenizer
 from edlm_dist.data.wrap import MDLM_GROUP_SIZE, frame_documents, wrap_documents
 from edlm_dist.errors import ConfigError, DataError
+from edlm_dist.storage.files import output_error, remove_quietly, swap_in_entries
+from edlm_dist.storage.outputs import LOCK_FILE
 
 SOURCES = ("synthetic", "text", "jsonl", "hf", "text8", "pydoc")
 SYNTHETIC_CHUNK_ROWS = 4096  # rows drawn per call: bounds memory; part of the determinism contract
@@ -211,19 +217,22 @@ def _document_plan(spans: dict[str, sources.DocSpan], record: dict, tokenizer_sp
     return _Plan(tokenizer, str(tokenizer_spec), record, totals, make_blocks, unknown)
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if (out_dir / shard_io.MANIFEST).exists():
-        if not overwrite:
-            raise DataError(f"{out_dir} already holds a prepared dataset; pass --overwrite to replace it "
-                            "or choose another --out")
-        (out_dir / shard_io.MANIFEST).unlink()  # first: a half-replaced folder must not look complete
+PAYLOAD = (shard_io.TOKENIZER_DIR, *shard_io.SPLITS)  # a data folder's entries besides its manifest
+BUILD_DIR = ".building"  # the new dataset is written here, inside --out, and swapped in once complete
+OWN_ENTRIES = {*PAYLOAD, shard_io.MANIFEST, BUILD_DIR, ".replaced", LOCK_FILE}
+
+
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before any work: a file as --out, a finished dataset without --overwrite, a folder of other files."""
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file; choose a folder path")
-    # Shards of an older or interrupted run must not linger next to the new ones (only our files go).
-    for split in shard_io.SPLITS:
-        for stale in (out_dir / split).glob("shard-*.tar"):
-            stale.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / shard_io.MANIFEST).exists() and not overwrite:
+        raise DataError(f"{out_dir} already holds a prepared dataset; pass --overwrite to replace it "
+                        "or choose another --out")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in OWN_ENTRIES) if out_dir.is_dir() else []
+    if foreign:
+        raise DataError(f"--out {out_dir} holds other files ({', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}"
+                        "), not a prepared dataset; choose an empty or new folder")
 
 
 def prepare_data(
@@ -279,6 +288,9 @@ def prepare_data(
     if source != "synthetic" and tokenizer_spec in ("synthetic", None, ""):
         raise ConfigError(f"source {source} needs a text tokenizer; set data.tokenizer to char or byte (learnt "
                           "from the text), gpt2, text8 or a tokenizer folder")
+    if valid_docs is not None and valid_docs < 1:
+        raise ConfigError(f"--valid-docs must be >= 1 (got {valid_docs}): the number of final documents held out "
+                          "for validation")
     if not 0.0 <= max_unk_rate <= 1.0:
         raise ConfigError(f"max_unk_rate={max_unk_rate} must be in [0, 1] (the largest accepted share of [UNK])")
     out_dir = Path(out_dir)
@@ -294,7 +306,10 @@ def prepare_data(
                               tokenizer_vocab=tokenizer_vocab, progress=progress)
     tokenizer = plan.tokenizer
 
-    _prepare_out_dir(out_dir, overwrite)
+    _check_out_dir(out_dir, overwrite)
+    final_dir, out_dir = out_dir, out_dir / BUILD_DIR  # the old dataset stays untouched until the new one is complete
+    remove_quietly(out_dir)
+    out_dir.mkdir(parents=True)
     manifest: dict[str, Any] = {
         "format": shard_io.FORMAT_NAME, "format_version": shard_io.FORMAT_VERSION, "seq_len": int(seq_len),
         "vocab_size": int(tokenizer.vocab_size), "tokenizer": tokenizer.describe(),
@@ -323,9 +338,16 @@ def prepare_data(
             manifest["splits"][split] = _write_split(out_dir, split, rows[split], shard_rows=shard_rows, order=order,
                                                      progress=progress)
         del rows
+        tokenizer.save(out_dir / shard_io.TOKENIZER_DIR)
+        shard_io.write_manifest(out_dir, manifest)
+    except OSError as exc:
+        remove_quietly(out_dir)
+        raise output_error(final_dir, exc, after="the previous dataset there, if any, is unchanged") from None
+    except BaseException:
+        remove_quietly(out_dir)  # refused input or interrupted: the previous dataset is untouched
+        raise
     finally:
         for spill in spills.values():
-            spill.unlink(missing_ok=True)
-    tokenizer.save(out_dir / shard_io.TOKENIZER_DIR)
-    shard_io.write_manifest(out_dir, manifest)
+            remove_quietly(spill)
+    swap_in_entries(out_dir, final_dir, PAYLOAD, marker=shard_io.MANIFEST)
     return manifest

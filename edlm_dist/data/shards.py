@@ -22,7 +22,6 @@ import hashlib
 import io
 import json
 import math
-import os
 import tarfile
 from pathlib import Path
 from typing import Iterator, Optional
@@ -35,6 +34,7 @@ from webdataset.tariterators import tar_file_iterator
 from edlm_dist.data.locations import TRANSIENT_ERRORS, DataLocation, RetryPolicy, backoff, close_quietly, is_remote
 from edlm_dist.data.tokenizers import Tokenizer, build_tokenizer
 from edlm_dist.errors import DataError
+from edlm_dist.storage.files import write_atomic, write_json_atomic
 
 FORMAT_NAME = "edlm-dist-shards"
 FORMAT_VERSION = 1
@@ -120,7 +120,7 @@ def write_shard(data_dir: Path, split: str, index: int, rows: np.ndarray, first_
     data = tar_bytes(rows, first_index)
     path = data_dir / name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
+    write_atomic(path, data)
     return {"file": name, "rows": int(len(rows)), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -212,10 +212,7 @@ class ShardCursor:
 
 def write_manifest(data_dir: str | Path, manifest: dict) -> None:
     """Write atomically (temp file + rename): a manifest only ever describes finished shards."""
-    path = Path(data_dir) / MANIFEST
-    temp = path.with_suffix(".json.tmp")
-    temp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(temp, path)
+    write_json_atomic(Path(data_dir) / MANIFEST, manifest, indent=2, sort_keys=True)
 
 
 def load_manifest(data_dir: str | Path | DataLocation, retry: RetryPolicy = RetryPolicy()) -> dict:
@@ -237,10 +234,37 @@ def load_manifest(data_dir: str | Path | DataLocation, retry: RetryPolicy = Retr
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format version {manifest.get('format_version')}, this edlm-dist reads "
                         f"version {FORMAT_VERSION}; {rerun_hint(location)}")
-    for key in ("seq_len", "vocab_size", "tokenizer", "splits"):
-        if key not in manifest:
-            raise DataError(f"{path} lacks the key {key!r}; {rerun_hint(location)}")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path} {problem}; {rerun_hint(location)}")
     return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def manifest_problem(manifest: dict) -> Optional[str]:
+    """What is missing or malformed in a manifest (every key a reader uses), or None."""
+    for key, kind in (("seq_len", int), ("vocab_size", int), ("tokenizer", dict), ("splits", dict),
+                      ("source", dict)):
+        if key not in manifest:
+            return f"lacks the key {key!r}"
+        if not (_is_int(manifest[key]) if kind is int else isinstance(manifest[key], kind)):
+            return f"has a malformed {key!r} (expected {kind.__name__})"
+    for key in ("name", "mask_id", "bos_id", "eos_id"):
+        if key not in manifest["tokenizer"]:
+            return f"lacks the key 'tokenizer.{key}'"
+    for split, info in manifest["splits"].items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            return f"has no shard list for split {split!r} ('splits.{split}.shards')"
+        for index, record in enumerate(info["shards"]):
+            missing = [k for k in ("file", "rows", "bytes", "sha256") if not isinstance(record, dict) or k not in record]
+            if missing:
+                return f"lacks {missing[0]!r} in shard record {index} of split {split!r}"
+            if not (_is_int(record["rows"]) and _is_int(record["bytes"]) and isinstance(record["file"], str)):
+                return f"has a malformed shard record {index} of split {split!r}"
+    return None
 
 
 def has_manifest(data_dir: str | Path) -> bool:

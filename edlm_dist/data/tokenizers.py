@@ -31,6 +31,7 @@ from typing import Iterable, Optional, Protocol, runtime_checkable
 from edlm_dist.data.hub import hub_offline
 from edlm_dist.data.learned_tokenizers import TOKENIZER_FILE, learned_from_description, load_learned
 from edlm_dist.errors import DataError
+from edlm_dist.storage.files import write_json_atomic
 
 GPT2_EOS = "<|endoftext|>"
 MASK_STRING = "[MASK]"
@@ -62,7 +63,7 @@ def _describe(tok: Tokenizer, **extra) -> dict:
 def _write_json(folder: str | Path, payload: dict) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / TOKENIZER_FILE).write_text(json.dumps(payload, indent=2) + "\n")
+    write_json_atomic(folder / TOKENIZER_FILE, payload, indent=2)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ import logging
 
 from edlm_dist.config.load import load_config
 from edlm_dist.evaluation.run import run_evaluation
+from edlm_dist.storage.outputs import claim_output
 
 
 def cli_main(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    run_evaluation(cfg, args.out)
+    with claim_output(args.out):
+        run_evaluation(cfg, args.out)
     return 0

@@ -6,7 +6,6 @@ they work headless and from several threads.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -17,6 +16,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullLocator
 
 from edlm_dist.errors import DataError
+from edlm_dist.storage.files import write_atomic, write_json_atomic, write_with
 from edlm_dist.evaluation.likelihood import safe_exp
 
 METRICS_FILE, METRICS_REPORT, PIPELINE_REPORT = "metrics.json", "metrics.md", "results.md"
@@ -83,7 +83,7 @@ def _draw(ax, series, xlabel: str, ylabel: str, log_x: bool, log_y: bool = False
 def _save(fig, path) -> str:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format=Path(path).suffix.lstrip(".") or "png"))
     return path
 
 
@@ -312,8 +312,8 @@ def write_outputs(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if results.get("samples"):
         results["plots"] = make_plots(results["samples"], out)
-    (out / METRICS_FILE).write_text(json.dumps(_finite(results), indent=1, ensure_ascii=False) + "\n")
-    (out / METRICS_REPORT).write_text(markdown_report(results, out))
+    write_atomic(out / METRICS_REPORT, markdown_report(results, out))
+    write_json_atomic(out / METRICS_FILE, _finite(results))  # last: its presence marks finished results
 
 
 # ----------------------------------------------------------------------------- `edlm pipeline` report
@@ -336,4 +336,4 @@ def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, sett
     lines += comparison_section(results.get("comparisons", []), "mdlm") + [""]
     if "likelihood" in results:
         lines += likelihood_section(results["likelihood"], out) + [""]
-    (out / PIPELINE_REPORT).write_text("\n".join(lines))
+    write_atomic(out / PIPELINE_REPORT, "\n".join(lines))

@@ -11,7 +11,9 @@ the others (``WANDB_ENTITY``, ``WANDB_API_KEY``, ``WANDB_TAGS``, ``WANDB_RUN_GRO
 ``metrics.jsonl`` holds one row per logged step. A run resumed from a checkpoint at step ``S`` first
 drops the rows after ``S`` (:meth:`MetricsLogger.rewind`: those steps are recomputed bit for bit), so
 a reader never sees a step twice; :func:`read_metrics` also keeps only the last row of a repeated
-``(step, keys)`` for files written before that.
+``(step, keys)`` for files written before that. Rows are appended whole or not at all
+(:func:`edlm_dist.storage.files.append_line`); a last line torn by a killed process is skipped by the
+reader and dropped by the next append or resume.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Any, Optional
 
 from edlm_dist.config.schema import LoggingConfig
 from edlm_dist.errors import ConfigError
+from edlm_dist.storage.files import append_line, read_jsonl, write_atomic, write_with
 
 METRICS_FILENAME = "metrics.jsonl"
+REPAIR_HINT = "edit or delete that line of {path} (the next resume rewrites the file)"
 LOSS_CURVE_FILENAME = "loss_curve.png"
 WANDB_MODES = {"disabled": "disabled", "offline": "offline", "online": "online", "dryrun": "offline", "run": "online"}
 DEFAULT_PROJECT = LoggingConfig().wandb_project
@@ -95,22 +99,20 @@ class MetricsLogger:
                               reinit="finish_previous")
 
     def rewind(self, step: int) -> None:
-        """Drop the rows after ``step`` (a resumed run logs those steps again); atomic rewrite."""
+        """Drop the rows after ``step`` (a resumed run logs those steps again) and a torn last line; atomic."""
         if not self.enabled or not self.path.exists():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-        if len(kept) != len(lines):
-            temp = self.path.with_suffix(".jsonl.tmp")
-            temp.write_text("".join(line + "\n" for line in kept))
-            os.replace(temp, self.path)
+        rows = read_jsonl(self.path, fix=REPAIR_HINT.format(path=self.path))
+        kept = [row for row in rows if row.get("step", 0) <= step]
+        text = "".join(json.dumps(row) + "\n" for row in kept)
+        if text.encode() != self.path.read_bytes():
+            write_atomic(self.path, text)
 
     def log(self, metrics: dict[str, Any], step: int, *, console: bool = True) -> None:
         if not self.enabled:
             return
         record = {"step": step, "time": round(time.time(), 3), **{k: _clean(v) for k, v in metrics.items()}}
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        append_line(self.path, json.dumps(record))  # whole or not at all (disk full: one error line)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         if console:
@@ -129,7 +131,7 @@ def read_metrics(out_dir: str | os.PathLike) -> list[dict]:
     path = Path(out_dir) / METRICS_FILENAME
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path, fix=REPAIR_HINT.format(path=path))  # a torn last line (killed writer) is skipped
     last = {(row.get("step"), tuple(sorted(k for k in row if k != "time"))): i for i, row in enumerate(rows)}
     return [row for i, row in enumerate(rows) if i in set(last.values())]
 
@@ -169,6 +171,8 @@ def plot_loss_curve(out_dir: str | os.PathLike, title: str = "") -> Optional[Pat
     ax.legend()
     fig.tight_layout()
     path = Path(out_dir) / LOSS_CURVE_FILENAME
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        write_with(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+    finally:
+        plt.close(fig)
     return path

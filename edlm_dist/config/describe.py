@@ -1,8 +1,9 @@
 """The config keys as text for ``edlm <command> --help``: generated from the schema, never written by hand.
 
-For every field of the sections a command reads: its dotted key, type, default, the help text, and any
-metadata the schema attaches to the field (``dataclasses.field(metadata={...})``: a range, choices,
-units, ...), so keys and ranges added to the schema appear here without touching this module. The
+For every field of the sections a command reads: its dotted key, type, default, the help text, and the
+rule the schema attaches to the field (``dataclasses.field(metadata={...})``, see :mod:`edlm_dist.config.fields`:
+a range, choices or a named check), so keys and ranges added to the schema appear here without touching
+this module. The
 help text is the field's ``metadata["help"]`` when present, else the field's trailing ``# comment`` in
 ``schema.py`` (read with :mod:`tokenize`, so the comment written next to a default is its documentation).
 """
@@ -65,9 +66,13 @@ def config_keys(cls: type = RunConfig, prefix: str = "") -> Iterator[dict]:
             yield from config_keys(kind, key + ".")
             continue
         metadata = dict(f.metadata)
+        each = metadata.pop("list", False)
+        metadata.pop("nonempty", None)
+        why = metadata.pop("why", "")
+        help_text = metadata.pop("help", comments.get(f.name, ""))
         record = {"key": key, "type": _type_name(f.type), "default": _default(f),
-                  "help": metadata.pop("help", comments.get(f.name, ""))}
-        record.update(metadata)
+                  "help": "; ".join(part for part in (help_text, why) if part)}
+        record.update({f"{name} (each)" if each else name: value for name, value in metadata.items()})
         yield record
 
 
@@ -81,6 +86,10 @@ def _value(value: Any) -> str:
     return str(value)
 
 
+LABELS = {"check": "accepts", "check (each)": "each accepts", "range (each)": "each in",
+          "choices (each)": "each one of"}
+
+
 def describe_keys(sections: tuple[str, ...]) -> str:
     """The keys of ``sections`` (e.g. ``("data", "train")``) as an aligned, readable block of text."""
     lines = []
@@ -89,7 +98,7 @@ def describe_keys(sections: tuple[str, ...]) -> str:
         for record in config_keys(RunConfig):
             if not record["key"].startswith(section + "."):
                 continue
-            extras = "".join(f"; {name} {_value(v)}" for name, v in record.items()
+            extras = "".join(f"; {LABELS.get(name, name)} {_value(v)}" for name, v in record.items()
                              if name not in ("key", "type", "default", "help"))
             lines.append(f"  {record['key']} ({record['type']}, default {_value(record['default'])}{extras})")
             if record["help"]:

@@ -2,8 +2,9 @@
 
 OmegaConf merges the typed schema, the YAML file and the command-line overrides, so unknown
 keys and wrong types are caught by the schema itself; the errors are rewritten into one-line
-:class:`ConfigError` messages. Cross-field rules (TP divides heads, batch divisibility, value
-ranges) live in :func:`validate_config`; world-size rules in :func:`validate_world`.
+:class:`ConfigError` messages. Each field's range or choices is declared in the schema and checked by
+:func:`edlm_dist.config.fields.check_fields`; cross-field rules (TP divides heads, batch divisibility)
+live in :func:`validate_config`; world-size rules in :func:`validate_world`.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from edlm_dist.config.schema import MODEL_PRESETS, RunConfig, window_interval
+from edlm_dist.config.fields import check_fields
+from edlm_dist.config.schema import METHOD_MODELS, MODEL_PRESETS, RunConfig
 from edlm_dist.errors import ConfigError
+from edlm_dist.storage.files import write_atomic
 
 CONFIG_FILENAME = "config.yaml"
 
@@ -91,84 +94,38 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _one_of(value: str, allowed: Iterable[str], key: str) -> None:
-    allowed = list(allowed)
-    _check(value in allowed, f"{key}='{value}' is not valid; use one of {allowed}")
-
-
 def validate_config(cfg: RunConfig) -> None:
-    """Cross-field checks that the schema's types cannot express."""
+    """Every field against its declared range / choices (:mod:`edlm_dist.config.fields`), then the
+    cross-field rules that one field's rule cannot express."""
+    check_fields(cfg)
     m, p, t, s, d = cfg.model, cfg.parallel, cfg.train, cfg.sample, cfg.data
-    for key in ("hidden_size", "n_blocks", "n_heads", "cond_dim", "mlp_ratio"):
-        _check(getattr(m, key) >= 1, f"model.{key} must be >= 1 (got {getattr(m, key)})")
     _check(m.hidden_size % m.n_heads == 0,
            f"model.hidden_size={m.hidden_size} is not divisible by model.n_heads={m.n_heads}; pick sizes with an integer head dim")
     _check((m.hidden_size // m.n_heads) % 2 == 0, "the head dim (hidden_size / n_heads) must be even for rotary embeddings")
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1) (got {m.dropout})")
-    _check(p.tp >= 1 and p.pp >= 1 and p.dp >= 0, "parallel.tp and parallel.pp must be >= 1, parallel.dp >= 0 (0 = auto)")
-    _check(p.pp == 1, "parallel.pp > 1 (pipeline parallelism) is not supported; use tensor and data parallelism")
     _check(m.n_heads % p.tp == 0,
            f"parallel.tp={p.tp} does not divide model.n_heads={m.n_heads}; choose tp among the divisors of the head count")
     # tp | n_heads and n_heads | hidden_size already imply tp | hidden_size (and tp | 4*hidden_size).
-    _one_of(p.backend, ["auto", "gloo", "nccl"], "parallel.backend")
-    _check(p.timeout_s >= 1, "parallel.timeout_s must be >= 1")
-    _check(d.seq_len >= 4, f"data.seq_len must be >= 4 (got {d.seq_len})")
-    _one_of(d.source, ["synthetic", "text", "jsonl", "hf", "text8", "pydoc"], "data.source")
-    _check(d.tokenizer_vocab >= 0, f"data.tokenizer_vocab must be >= 0 (got {d.tokenizer_vocab}; 0 = automatic)")
-    _check(0.0 <= d.max_unk_rate <= 1.0, f"data.max_unk_rate must be in [0, 1] (got {d.max_unk_rate})")
-    _check(d.read_retries >= 0 and d.retry_delay_s >= 0,
-           f"data.read_retries and data.retry_delay_s must be >= 0 (got {d.read_retries}, {d.retry_delay_s})")
-    _one_of(t.objective, ["mdlm", "ar", "nce"], "train.objective")
-    _one_of(t.lr_schedule, ["constant", "cosine"], "train.lr_schedule")
-    _one_of(t.precision, ["auto", "fp32", "bf16"], "train.precision")
-    _one_of(t.negatives_dtype, ["float64", "float32", "bfloat16"], "train.negatives_dtype")
-    _check(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
-    _check(t.micro_batch >= 1 and t.global_batch >= 1, "train.global_batch and train.micro_batch must be >= 1")
     _check(t.global_batch % t.micro_batch == 0,
            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
-    _check(t.lr > 0, "train.lr must be > 0")
-    _check(0.0 <= t.ema < 1.0, f"train.ema must be in [0, 1) (0 disables EMA; got {t.ema})")
-    _check(t.zero_stage in (0, 1, 2, 3), f"train.zero_stage must be 0, 1, 2 or 3 (got {t.zero_stage})")
-    _check(0.0 < t.sampling_eps < 1.0, "train.sampling_eps must be in (0, 1)")
-    _check(t.n_negatives >= 1, f"train.n_negatives must be >= 1 (got {t.n_negatives})")
-    _check(t.keep_last >= 1, "train.keep_last must be >= 1")
-    for key in ("log_every", "val_every", "save_every"):
-        _check(getattr(t, key) >= 1, f"train.{key} must be >= 1")
-    _one_of(s.sampler, ["mdlm", "edlm", "ar"], "sample.sampler")
-    _one_of(s.update, ["ddpm", "ddpm_cache"], "sample.update")
-    _one_of(s.energy, ["ar", "coar", "nce", "oracle"], "sample.energy")
-    _one_of(s.precision, ["float64", "float32", "bfloat16"], "sample.precision")
-    _check(s.steps >= 1, f"sample.steps must be >= 1 (got {s.steps})")
-    _check(s.k >= 1, f"sample.k must be >= 1 (got {s.k}): it is the number of importance-sampling proposals")
-    try:
-        window_interval(s.window, "sample.window")
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    _one_of(s.block_proposal, ["denoiser", "ar_first"], "sample.block_proposal")
-    _check(s.block_size >= 0, f"sample.block_size must be >= 0 (got {s.block_size}); 0 means one block of the "
-           "whole row")
+    _check(d.synthetic.branching <= d.synthetic.num_tokens, f"data.synthetic.branching={d.synthetic.branching} exceeds "
+           f"data.synthetic.num_tokens={d.synthetic.num_tokens}; allow at most that many next tokens")
     _check(s.block_size <= d.seq_len, f"sample.block_size={s.block_size} exceeds the row length data.seq_len="
            f"{d.seq_len}; use 0 (one block) or a size <= {d.seq_len}")
-    _check(s.proposal_parallel >= 0, "sample.proposal_parallel must be >= 0 (0 = auto)")
-    _check(s.temperature > 0, f"sample.temperature must be > 0 (got {s.temperature})")
-    _check(s.num_samples >= 1 and s.batch_size >= 1, "sample.num_samples and sample.batch_size must be >= 1")
-    _check(s.top_k >= 0, f"sample.top_k must be >= 0 (got {s.top_k}); 0 keeps every token")
-    _check(0.0 < s.top_p <= 1.0, f"sample.top_p must be in (0, 1] (got {s.top_p}); 1 keeps every token")
     _check(s.sampler == "ar" or (s.top_k == 0 and s.top_p == 1.0),
            "sample.top_k / sample.top_p apply to sample.sampler=ar only; reset them or use the AR sampler")
-    for metric in cfg.eval.metrics:
-        _one_of(metric, ["ppl", "genppl", "entropy"], "eval.metrics entry")
-    _check(cfg.eval.n_negatives >= 1, "eval.n_negatives must be >= 1")
-    _one_of(cfg.logging.wandb_mode, ["disabled", "offline", "online"], "logging.wandb_mode")
-    _check(all(n >= 1 for n in cfg.pipeline.step_counts), "pipeline.step_counts must all be >= 1")
     for method in cfg.pipeline.methods:
-        _one_of(method, ["mdlm", "edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle"], "pipeline.methods entry")
-    _check(1 <= cfg.eval.judge_order <= 10, f"eval.judge_order must be in [1, 10] (got {cfg.eval.judge_order})")
+        for model in METHOD_MODELS[method]:
+            steps = getattr(cfg.pipeline, f"{model}_steps")
+            _check(steps >= 1, f"pipeline.{model}_steps=0 but pipeline.methods has {method}, which needs the "
+                   f"{model} model; train it (pipeline.{model}_steps >= 1) or drop {method}")
 
 
 def validate_world(cfg: RunConfig, world_size: int, *, training: bool = True) -> int:
     """Check tp*dp*pp == world size (and, for training, the batch split); return the DP degree."""
     p = cfg.parallel
+    if world_size < 1:
+        raise ConfigError(f"a launch of {world_size} processes has nothing to run; request at least one process "
+                          "(slurm.nodes x slurm.gpus_per_node >= 1)")
     if world_size % (p.tp * p.pp) != 0:
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp*pp={p.tp * p.pp}; launch a multiple of tp processes"
@@ -205,6 +162,4 @@ def save_config(cfg: RunConfig, out_dir: str | os.PathLike) -> Path:
     """Write the resolved config next to a run's outputs."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / CONFIG_FILENAME
-    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    return path
+    return write_atomic(out / CONFIG_FILENAME, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

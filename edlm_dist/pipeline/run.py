@@ -23,12 +23,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from edlm_dist.artifacts.files import write_json_atomic
 from edlm_dist.artifacts.provenance import git_commit
 from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, samples_path, summary_path
 from edlm_dist.artifacts.weights import load_trained_model, synthetic_language_for, trained_step
 from edlm_dist.config.load import save_config
-from edlm_dist.config.schema import RunConfig
+from edlm_dist.config.schema import METHOD_MODELS, RunConfig
 from edlm_dist.data.prepare import prepare_data
 from edlm_dist.data.shards import has_manifest, load_manifest, saved_tokenizer, validate_dataset
 from edlm_dist.errors import ConfigError
@@ -49,6 +48,7 @@ from edlm_dist.evaluation.sample_metrics import (
     score_sample_file,
 )
 from edlm_dist.parallel.runtime import init_parallel
+from edlm_dist.storage.files import read_json, write_atomic, write_json_atomic
 from edlm_dist.sampling.model_energies import ENERGIES, build_energy
 from edlm_dist.sampling.engine import ModelDenoiser
 from edlm_dist.sampling.run import run_sampling
@@ -59,7 +59,6 @@ RESULTS_FILE, LIKELIHOOD_FILE = "results.json", "likelihood.json"
 RUN_NAMES = ("mdlm", "ar", "nce")  # the trained models' folders under OUT
 
 SAMPLES_REPORT = "samples.md"
-METHOD_MODELS = {"mdlm": (), "edlm-ar": ("ar",), "edlm-coar": ("ar",), "edlm-nce": ("nce",), "edlm-oracle": ()}
 METHODS = {  # name -> (sampler, energy)
     "mdlm": ("mdlm", None),
     "edlm-ar": ("edlm", "ar"),
@@ -181,16 +180,14 @@ def write_decoded_samples(cfg: RunConfig, out: Path, per_method: int = 3) -> Pat
         for row in rows:
             text = row.get("text") if isinstance(row.get("text"), str) else " ".join(map(str, row["tokens"]))
             lines += ["```text", text, "```", ""]
-    path = out / SAMPLES_REPORT
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(out / SAMPLES_REPORT, "\n".join(lines))
 
 
 def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: str, out: Path) -> dict:
     """MDLM NELBO, AR NLL, EDLM-coAR and Theorem-1 EDLM-AR/NCE bounds on the validation rows (EMA weights)."""
     path = out / LIKELIHOOD_FILE
     if path.is_file():
-        return json.loads(path.read_text())
+        return read_json(path, what="the likelihood results", fix=f"delete {path} to compute them again")
     kinds = {"mdlm": "dit", "ar": "ar", "nce": "energy"}
     models, _ = load_likelihood_models({kinds[name]: path for name, path in runs.items()})
     result = likelihood_metrics(cfg, models, data_dir)

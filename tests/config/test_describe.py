@@ -50,7 +50,8 @@ def test_field_metadata_is_picked_up():
 
 def test_describe_keys_lists_only_the_asked_sections():
     text = describe_keys(("data",))
-    assert "data.tokenizer (str, default synthetic)" in text and "train.steps" not in text
+    assert "data.tokenizer (str, default synthetic; accepts synthetic | char" in text and "train.steps" not in text
+    assert "data.seq_len (int, default 32; range [4, " in text  # the field's range, read from the schema
 
 
 def test_every_subcommand_help_lists_its_config_keys(capsys):

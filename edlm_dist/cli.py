@@ -13,7 +13,9 @@ import argparse
 import sys
 from typing import Callable, NamedTuple, Sequence
 
-from edlm_dist.errors import ERROR_EXIT_CODE, EdlmError
+from edlm_dist import preemption
+from edlm_dist.errors import ERROR_EXIT_CODE, REQUEUE_EXIT_CODE, EdlmError
+from edlm_dist.preemption import Preempted
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
@@ -23,6 +25,7 @@ def _prepare_data(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    preemption.install()  # before torch is imported: SIGTERM from here on means exit 3, never a kill
     from edlm_dist.training.cli import cli_main
 
     return cli_main(args)
@@ -41,6 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _pipeline(args: argparse.Namespace) -> int:
+    preemption.install()
     from edlm_dist.pipeline.cli import cli_main
 
     return cli_main(args)
@@ -167,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Preempted as exc:  # `edlm pipeline` (train handles its own): stopped at a safe point, requeue
+        print(f"edlm {args.command}: {exc}; exiting with {REQUEUE_EXIT_CODE} so the launcher requeues the job")
+        return REQUEUE_EXIT_CODE
     return int(result or 0)
 
 

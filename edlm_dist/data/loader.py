@@ -206,7 +206,11 @@ class DataStream:
         if self.stream.num_workers == 0:
             batches = iter(self.stream)
         else:
-            batches = iter(DataLoader(self.stream, batch_size=None, num_workers=self.stream.num_workers))
+            # Its own generator: creating the workers' iterator draws a base seed, which from the global torch
+            # RNG would shift dropout's stream after a resume restored it (the workers draw nothing else).
+            loader = DataLoader(self.stream, batch_size=None, num_workers=self.stream.num_workers,
+                                generator=torch.Generator().manual_seed(self.stream.seed))
+            batches = iter(loader)
         for batch in batches:
             if self.resumable:
                 self.batches += 1  # before yielding: a state saved now includes this batch

@@ -4,26 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from edlm_dist import preemption
 from edlm_dist.config.load import load_config
-from edlm_dist.errors import REQUEUE_EXIT_CODE, ConfigError
-from edlm_dist.parallel.runtime import shutdown_parallel
-from edlm_dist.training.trainer import Preempted, Trainer
+from edlm_dist.storage.outputs import claim_output
+from edlm_dist.training.trainer import run_training
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    preemption.install()  # before the config, the data or the model: a signal in start-up is a clean exit 3
     cfg = load_config(args.config, args.overrides)
-    if not cfg.data.dir:
-        raise ConfigError("data.dir is empty; run `edlm prepare-data --source synthetic --out DATA` and pass data.dir=DATA")
-    trainer = None
-    try:
-        trainer = Trainer(cfg, args.out)
-        trainer.install_signal_handlers()
-        trainer.train()
-    except Preempted as exc:
-        print(f"edlm train: {exc}; exiting with {REQUEUE_EXIT_CODE} so the launcher requeues the job")
-        return REQUEUE_EXIT_CODE
-    finally:
-        if trainer is not None:
-            trainer.close()
-        shutdown_parallel()
-    return 0
+    with claim_output(args.out):
+        return run_training(cfg, args.out)

@@ -3,15 +3,19 @@
 ``train(cfg, out_dir)`` validates the data against the config, builds the objective's model,
 the DeepSpeed engine, EMA and the resumable loader, resumes automatically from
 ``OUT/checkpoints/latest``, and runs ``train.steps`` optimizer steps with gradient accumulation
-to the global batch. Every step the loss is checked for NaN/Inf on all ranks *before* the
-backward pass, so a bad step never touches the weights; the run stops naming the step and the
-last good checkpoint. At the end it writes consolidated weights (``OUT/weights``) for sampling.
+to the global batch. Every step the loss is checked for NaN/Inf and divergence on all ranks *before*
+the backward pass, so a bad step never touches the weights; the run stops naming the step and the
+last good checkpoint. The state itself (weights, optimizer, EMA) is checked before every save and
+after every load (:mod:`edlm_dist.training.safety`), so a checkpoint is only ever written -- and named
+good -- with finite values. A resume applies and logs every changed setting or refuses it by name
+(:mod:`edlm_dist.training.resume`). Pre-emption signals recorded since the command started
+(:mod:`edlm_dist.preemption`) stop start-up at once and the loop after the current step's checkpoint.
+At the end it writes consolidated weights (``OUT/weights``) for sampling.
 """
 
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import time
 from pathlib import Path
@@ -21,24 +25,28 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from edlm_dist import preemption
 from edlm_dist.artifacts import checkpoint as ckpt
+from edlm_dist.artifacts.readers import guarded
 from edlm_dist.artifacts.weights import export_weights, weights_meta
 from edlm_dist.config.load import save_config
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.loader import build_eval_loader, build_train_loader
 from edlm_dist.data.locations import retry_policy
 from edlm_dist.data.shards import validate_dataset
-from edlm_dist.errors import TrainingError
+from edlm_dist.errors import REQUEUE_EXIT_CODE, CheckpointError, ConfigError, TrainingError
 from edlm_dist.models.build import count_parameters, estimate_memory, flops_per_token
 from edlm_dist.parallel.deepspeed_engine import build_engine, resolve_precision
-from edlm_dist.parallel.runtime import ParallelContext, data_seed, init_parallel
+from edlm_dist.parallel.runtime import ParallelContext, data_seed, init_parallel, shutdown_parallel
+from edlm_dist.preemption import PREEMPTION_SIGNALS, Preempted  # noqa: F401 (launchers import them from here)
 from edlm_dist.parallel.sharded_state import gathered_parameters, grad_norm
 from edlm_dist.training.ema import EMA
 from edlm_dist.training.metrics_logger import MetricsLogger, console_logger, plot_loss_curve, progress_line
 from edlm_dist.training.objective_steps import Objective, build_objective
+from edlm_dist.training.resume import APPLIED, UNUSED, apply_hyperparameters, review_changes
+from edlm_dist.training.safety import check_loss, divergence_limit, nonfinite_state
 
 VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # what SLURM sends before preemption / time limit
 
 
 # Dense bf16 datasheet peaks (TFLOP/s) for the MFU figure in the logs on GPU.
@@ -50,14 +58,6 @@ def datasheet_peak_tflops() -> float | None:
         return None
     name = torch.cuda.get_device_name()
     return next((peak for key, peak in DATASHEET_BF16_TFLOPS.items() if key in name), None)
-
-
-class Preempted(Exception):
-    """A preemption signal arrived; a checkpoint of the last completed step was written."""
-
-    def __init__(self, step: int, signum: int):
-        super().__init__(f"preempted by signal {signal.Signals(signum).name} at step {step}; checkpoint written")
-        self.step, self.signum = step, signum
 
 
 def load_data_description(cfg: RunConfig) -> dict:
@@ -81,20 +81,18 @@ def _mean_over(value: torch.Tensor, group) -> float:
     return value.item()
 
 
-def _all_finite(value: torch.Tensor) -> bool:
-    flag = torch.tensor([0.0 if torch.isfinite(value.detach()).all() else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(flag)
-    return flag.item() == 0.0
-
-
 class Trainer:
     def __init__(self, cfg: RunConfig, out_dir: str | Path, ctx: Optional[ParallelContext] = None):
         self.cfg = cfg
         self.out = Path(out_dir)
         self.ctx = ctx or init_parallel(cfg)
         self.log = console_logger()
+        self.step = 0
+        self._stop_point("while starting")
+        if cfg.data.dir and self.out.resolve() == Path(str(cfg.data.dir)).resolve():
+            raise ConfigError(f"--out {self.out} is the data folder data.dir; give the run its own folder")
         self.manifest = load_data_description(cfg)
+        self._stop_point("after validating the data")
         tokenizer = self.manifest["tokenizer"]
         self.tokenizer_info = tokenizer
         self.vocab_size = int(self.manifest["vocab_size"])
@@ -107,11 +105,12 @@ class Trainer:
         self.engine, self.optimizer, self.scheduler = build_engine(self.objective.module, cfg, self.ctx.dp_size)
         with gathered_parameters(self.engine.module):  # ZeRO-3 partitions parameters: the shadow needs full tensors
             self.ema = EMA(list(self.engine.module.parameters()), cfg.train.ema)
+        self._stop_point("after building the model")
         self.loader = self._build_loader()
         self.noise = torch.Generator().manual_seed(data_seed(cfg.train.seed, self.ctx))
-        self.step = 0
-        self._stop_signal = 0
         self._grad_norm = float("nan")
+        self.divergence_limit = divergence_limit(cfg.train, self.vocab_size)
+        self._warned_divergence = False
         self.signature = ckpt.model_signature(cfg, self.objective.model_kind, self.vocab_size)
         self.metrics = MetricsLogger(self.out, cfg.logging, enabled=self.ctx.is_main, name=cfg.train.objective)
         self.accumulation = cfg.train.global_batch // (cfg.train.micro_batch * self.ctx.dp_size)
@@ -139,18 +138,39 @@ class Trainer:
         path = ckpt.latest_checkpoint(self.out)
         if path is None:
             return False
+        meta = ckpt.read_meta(path)
+        ckpt.check_compatible(meta, self.signature, path)
+        changes = review_changes(meta.get("config") or {}, self.cfg, str(path))  # refuses FIXED keys by name
         extras, ema_state = ckpt.load_checkpoint(self.engine, path, signature=self.signature,
                                                  tp_rank=self.ctx.tp_rank, dp_rank=self.ctx.dp_rank)
         self.step = int(extras["step"])
         self.loader.load_state_dict(extras["loader"])
         self.noise.set_state(extras["noise"])
         if ema_state is not None:
-            self.ema.load_state_dict(ema_state)
+            guarded(lambda: self.ema.load_state_dict(ema_state), what=f"the EMA state in {path} does not fit the model",
+                    fix=ckpt.EARLIER)
+        apply_hyperparameters(self.optimizer, self.scheduler, self.cfg.train)
+        bad = nonfinite_state(self.engine.module, self.optimizer, self.ema.shadow if self.ema.enabled else None,
+                              self.ctx.device)
+        if bad:
+            raise CheckpointError(f"checkpoint {path} holds NaN/Inf values ({bad}); it cannot be resumed: "
+                                       "delete it (and point checkpoints/latest at an earlier one) or use a fresh --out")
         ckpt.set_rng_state(extras["rng"])
-        self.log.info("resumed from %s (step %d)", path, self.step) if self.ctx.is_main else None
+        if self.ctx.is_main:
+            self.log.info("resumed from %s (step %d)", path, self.step)
+            if changes[APPLIED]:
+                self.log.info("resume: applying the changed settings %s", "; ".join(changes[APPLIED]))
+            if changes[UNUSED]:
+                self.log.info("resume: changed settings that `edlm train` does not read: %s",
+                              "; ".join(changes[UNUSED]))
         return True
 
     def save(self) -> Path:
+        bad = nonfinite_state(self.engine.module, self.optimizer, self.ema.shadow if self.ema.enabled else None,
+                              self.ctx.device)
+        if bad:  # never write (nor name as good) a state that holds NaN/Inf
+            raise TrainingError(f"the training state at step {self.step} holds NaN/Inf ({bad}); it was not saved; "
+                                f"last good checkpoint: {self._last_good()}; lower train.lr or check the data")
         extras = {"step": self.step, "loader": self.loader.state_dict(), "noise": self.noise.get_state()}
         return ckpt.save_checkpoint(self.engine, self.out, self.step, cfg=self.cfg, signature=self.signature,
                                     extras=extras, ema_state=self.ema.state_dict() if self.ema.enabled else None,
@@ -159,29 +179,34 @@ class Trainer:
 
     # ------------------------------------------------------------------ preemption
     def install_signal_handlers(self) -> None:
-        """Record SIGTERM/SIGUSR1; the loop checkpoints after the current step and stops (never mid-step)."""
-
-        def handler(signum, _frame):
-            self._stop_signal = signum
-
-        for sig in PREEMPTION_SIGNALS:
-            signal.signal(sig, handler)
+        """Record SIGTERM/SIGUSR1; the loop checkpoints after the current step and stops (never mid-step).
+        ``edlm train`` installs them before anything else (:mod:`edlm_dist.preemption`)."""
+        preemption.install()
 
     def _preemption_requested(self) -> int:
-        flag = torch.tensor([float(self._stop_signal)])
+        flag = torch.tensor([float(preemption.received())])
         if dist.is_initialized():  # all ranks stop at the same step even if only one got the signal
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return int(flag.item())
+
+    def _last_good(self) -> str:
+        """The latest checkpoint: good by construction (a state is checked finite before it is written)."""
+        last = ckpt.latest_checkpoint(self.out)
+        return str(last) if last else "none (no checkpoint written yet)"
+
+    def _stop_point(self, where: str) -> None:
+        """During start-up: stop at once on a pre-emption signal (nothing new to save; ranks agree)."""
+        signum = self._preemption_requested()
+        if signum:
+            raise Preempted(signum, f"during start-up ({where}); nothing new to save", self.step)
 
     # ------------------------------------------------------------------ loop
     def _micro_step(self, batch: torch.Tensor) -> tuple[torch.Tensor, dict]:
         with _autocast(self.precision, self.ctx.device):
             loss, stats = self.objective.loss(self.engine, batch.to(self.ctx.device), self.noise)
-        if not _all_finite(loss):
-            last = ckpt.latest_checkpoint(self.out)
-            raise TrainingError(f"loss is {loss.item()} at step {self.step + 1}; stopped before the update, "
-                                f"last good checkpoint: {last if last else 'none (no checkpoint written yet)'}; "
-                                "lower train.lr or check the data")
+        self._warned_divergence = check_loss(
+            loss, step=self.step + 1, limit=self.divergence_limit, policy=self.cfg.train.on_divergence,
+            last_good=self._last_good, log=self.log, warned=self._warned_divergence)
         self.engine.backward(loss)
         if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
             # DeepSpeed reports the global norm only for ZeRO >= 1; count replicated params once.
@@ -212,6 +237,7 @@ class Trainer:
     def _train(self, stop_after: Optional[int]) -> dict:
         cfg = self.cfg.train
         self.resume_if_possible()
+        self._stop_point("after loading the checkpoint")
         self.metrics.rewind(self.step)  # rows logged after the checkpoint are logged again, identically
         if self.ctx.is_main:  # after the checkpoint check: a refused config must not replace the run's config.yaml
             save_config(self.cfg, self.out)
@@ -249,7 +275,7 @@ class Trainer:
                 self.save()
             if signum:
                 bar.close()
-                raise Preempted(self.step, signum)
+                raise Preempted(signum, f"at step {self.step}; checkpoint written", self.step)
         bar.close()
         if self.step >= cfg.steps:
             weights = self.export()
@@ -340,3 +366,23 @@ def train(cfg: RunConfig, out_dir: str | Path, ctx: Optional[ParallelContext] = 
         return trainer.train()
     finally:
         trainer.close()
+
+
+def run_training(cfg: RunConfig, out_dir: str | Path) -> int:
+    """``edlm train``: 0 when the run reached ``train.steps``, :data:`REQUEUE_EXIT_CODE` when pre-empted."""
+    if not cfg.data.dir:
+        raise ConfigError("data.dir is empty; run `edlm prepare-data --source synthetic --out DATA` and pass "
+                          "data.dir=DATA")
+    preemption.install()  # `edlm train` installed them already, before importing torch; a library caller here
+    trainer = None
+    try:
+        trainer = Trainer(cfg, out_dir)
+        trainer.train()
+    except Preempted as exc:
+        print(f"edlm train: {exc}; exiting with {REQUEUE_EXIT_CODE} so the launcher requeues the job", flush=True)
+        return REQUEUE_EXIT_CODE
+    finally:
+        if trainer is not None:
+            trainer.close()
+        shutdown_parallel()
+    return 0

@@ -50,6 +50,15 @@ class LearnedTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.backend.encode(text, add_special_tokens=False).ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Ids of ``text`` as plain text: a literal ``[UNK]`` is its characters, not the unknown id (the other
+        specials live outside the backend, so ``encode`` never produces them)."""
+        self.backend.encode_special_tokens = True
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = False
+
     def decode(self, ids: Iterable[int]) -> str:
         pieces, run = [], []
         for i in (int(i) for i in ids):

@@ -4,7 +4,7 @@ Pipeline per split (``train``, ``valid``):
 
 1. documents from a source (:mod:`edlm_dist.data.sources`), or framed rows from the synthetic
    language (already ``[BOS] + tokens + [EOS]`` documents of length L: never wrapped);
-2. tokenize (no specials) and frame: MDLM wrapping (``wrap=True``, spec §1.2) or one document per
+2. tokenize as plain text (a literal special-token string is spelled, never a special id) and frame: MDLM wrapping (``wrap=True``, spec §1.2) or one document per
    row(s) (``wrap=False``), see :mod:`edlm_dist.data.wrap`. A ``char`` or ``byte`` tokenizer is first
    learnt from the training documents (:mod:`edlm_dist.data.learned_tokenizers`). Every split's share of
    ``[UNK]`` tokens is counted, printed and recorded (``manifest["unknown_tokens"]``); a split above
@@ -93,7 +93,7 @@ def check_unknown_rate(count: UnknownCount, split: str, tokenizer_spec: str, max
 
 def _document_blocks(docs: Iterable[str], tokenizer: Any, *, seq_len: int, wrap: bool, group_size: int,
                      count: UnknownCount) -> Iterator[np.ndarray]:
-    token_lists = count.counted((tokenizer.encode(text) for text in docs), getattr(tokenizer, "unk_id", None))
+    token_lists = count.counted((tokenizer.encode_text(text) for text in docs), getattr(tokenizer, "unk_id", None))
     if wrap:
         return wrap_documents(token_lists, seq_len=seq_len, bos_id=tokenizer.bos_id,
                               eos_id=tokenizer.eos_id, group_size=group_size)

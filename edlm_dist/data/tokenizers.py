@@ -17,6 +17,11 @@ text maps to (None where nothing is unknown: byte-level tokenizers). ``encode`` 
 (the data pipeline frames rows itself); literal special-token strings map to their ids in the GPT-2, text8
 and synthetic tokenizers, as in HF tokenizers (not in the learnt ones). ``decode`` keeps special tokens as
 their strings.
+
+``encode_text`` is what the data pipeline uses on corpus text: text is only ever text, so a literal special
+string (``<|endoftext|>``, ``[BOS]``, ``[MASK]``, ``[UNK]``) is spelled with ordinary tokens (escaped), in every
+tokenizer alike; special ids come only from the framing (BOS/EOS) and the noise (MASK). Without it a corpus
+holding such strings would train on stray special tokens (issue 19, class 7; docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -47,6 +52,8 @@ class Tokenizer(Protocol):
     unk_id: Optional[int]
 
     def encode(self, text: str) -> list[int]: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Iterable[int]) -> str: ...
 
@@ -150,6 +157,10 @@ class GPT2BPETokenizer:
         """BPE ids of ``text`` with no BOS/EOS added; a literal ``<|endoftext|>`` becomes 50256."""
         return self._tok.encode(text, add_special_tokens=False)
 
+    def encode_text(self, text: str) -> list[int]:
+        """BPE ids of ``text`` as plain text: a literal ``<|endoftext|>`` is BPE pieces, never 50256."""
+        return self._tok.encode(text, add_special_tokens=False, split_special_tokens=True)
+
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; ``<|endoftext|>`` kept, the mask id rendered as ``[MASK]``."""
         pieces, run = [], []
@@ -213,6 +224,10 @@ class Text8Tokenizer:
                 ids.extend(self._stoi.get(ch, self.unk_id) for ch in part.lower())
         return ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """Character ids of ``text`` as plain text: ``[BOS]`` is ``[`` (unknown), ``b``, ``o``, ``s``, ``]``."""
+        return [self._stoi.get(ch, self.unk_id) for ch in text.lower()]
+
     def decode(self, ids: Iterable[int]) -> str:
         out = []
         for i in (int(i) for i in ids):
@@ -258,6 +273,15 @@ class SyntheticTokenizer:
         except KeyError as exc:
             raise DataError(f"word {exc.args[0]!r} is not in the synthetic vocabulary (w0..w{self.num_tokens - 1}, "
                             "[BOS], [EOS], [MASK]); fix: encode text written by this tokenizer") from None
+
+    def encode_text(self, text: str) -> list[int]:
+        """Words of ``text`` as plain text: only ``w0 .. w{n-1}``; a special's name cannot be spelled, so it is
+        refused (synthetic text is generated as ids, so this only meets hand-written text)."""
+        ids = self.encode(text)
+        if any(i >= self.num_tokens for i in ids):
+            raise DataError("text holds a special token ([BOS], [EOS] or [MASK]) that the synthetic vocabulary "
+                            "cannot spell as plain words; fix: remove it from the text")
+        return ids
 
     def decode(self, ids: Iterable[int]) -> str:
         out = []

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from tests.reliability.harness import (
+    RUN_TIMEOUT_S,
     ChildResult,
     Observation,
     Scenario,
@@ -174,14 +175,16 @@ def fail_meta_write(step: int, code: int) -> Inject:
     """Writing ``meta.json`` (the last file of a checkpoint) into ``.partial-step_N`` raises OSError(``code``)."""
 
     def install() -> None:
-        original = Path.write_text
+        import builtins
 
-        def patched(self, *args, **kwargs):
-            if self.name == "meta.json" and f".partial-{tag(step)}" in str(self):
-                raise os_error(code, self)
-            return original(self, *args, **kwargs)
+        from edlm_dist.storage import files
 
-        Path.write_text = patched
+        def patched(path, *args, **kwargs):  # the write path opens NAME.tmp, then renames it
+            if Path(path).name == "meta.json.tmp" and f".partial-{tag(step)}" in str(path):
+                raise os_error(code, path)
+            return builtins.open(path, *args, **kwargs)
+
+        files.open = patched  # storage.files' own `open`: every other module is untouched
 
     return install
 
@@ -221,7 +224,8 @@ def clear_error(result: ChildResult, pattern: str) -> bool:
 
 def _train_fault(ws: Workspace, name: str, inject: Callable[[Path], dict[int, Inject]],
                  check: Callable[[list[ChildResult], Path], tuple[bool, str]], *, world: int = 1,
-                 overrides: tuple[str, ...] = (), primary: Optional[int] = None, timeout: float = 120.0) -> Observation:
+                 overrides: tuple[str, ...] = (), primary: Optional[int] = None,
+                 timeout: float = RUN_TIMEOUT_S) -> Observation:
     """Fault run, its scenario-specific check, then a plain resume compared with the uninterrupted run."""
     reference = ws.reference(world)
     out = ws.fresh(name)
@@ -405,7 +409,6 @@ FAULTS = [
 
 def all_scenarios() -> list[Scenario]:
     from tests.reliability.bad_inputs import BAD_INPUTS
-
     return FAULTS + BAD_INPUTS
 
 

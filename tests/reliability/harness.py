@@ -27,6 +27,7 @@ from typing import Callable, Optional
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TRAIN_STEPS, SAVE_EVERY = 8, 3  # checkpoints at steps 3, 6 and 8
+RUN_TIMEOUT_S = 600.0  # a run still going after this long counts as hung (seconds alone; minutes on a shared box)
 TRACKED_METRICS = ("loss", "val_loss", "grad_norm")
 DISPLAY_ALIASES: dict[str, str] = {}  # long scratch paths -> short names in observations ($WS)
 
@@ -147,7 +148,8 @@ def _child(target: Callable[[], int], env: dict[str, Optional[str]], stdout_path
 Target = tuple[Callable[[], int], dict[str, Optional[str]]]  # (function returning an exit status, env changes)
 
 
-def fork_children(targets: list[Target], logs: Path, *, timeout: float = 120.0, primary: Optional[int] = None,
+def fork_children(targets: list[Target], logs: Path, *, timeout: float = RUN_TIMEOUT_S,
+                  primary: Optional[int] = None,
                   grace: float = 2.0) -> list[ChildResult]:
     """Run each ``(target, env)`` in a forked child and wait for all of them (at most ``timeout`` s).
 
@@ -209,7 +211,7 @@ def free_port() -> int:
 
 
 def run_cli(argv: list[str], logs: Path, *, inject: Optional[Callable[[], None]] = None,
-            env: Optional[dict[str, str]] = None, timeout: float = 120.0) -> ChildResult:
+            env: Optional[dict[str, str]] = None, timeout: float = RUN_TIMEOUT_S) -> ChildResult:
     """``edlm ARGV`` in one forked child (a single process: no RANK/WORLD_SIZE unless ``env`` sets them)."""
     single: dict[str, Optional[str]] = {key: None for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     single.update(env or {})
@@ -217,7 +219,7 @@ def run_cli(argv: list[str], logs: Path, *, inject: Optional[Callable[[], None]]
 
 
 def run_cli_ranks(argv: list[str], world: int, logs: Path, *, inject: Optional[dict[int, Callable[[], None]]] = None,
-                  timeout: float = 120.0, primary: Optional[int] = None) -> list[ChildResult]:
+                  timeout: float = RUN_TIMEOUT_S, primary: Optional[int] = None) -> list[ChildResult]:
     """``edlm ARGV`` on ``world`` local ranks (gloo), as torchrun would start them."""
     port = str(free_port())
     targets = []
@@ -228,7 +230,7 @@ def run_cli_ranks(argv: list[str], world: int, logs: Path, *, inject: Optional[d
     return fork_children(targets, logs, timeout=timeout, primary=primary)
 
 
-def run_cli_subprocess(argv: list[str], timeout: float = 120.0) -> ChildResult:
+def run_cli_subprocess(argv: list[str], timeout: float = RUN_TIMEOUT_S) -> ChildResult:
     """``python -m edlm_dist.cli ARGV`` in a fresh interpreter: exactly what a user types."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO_ROOT))
@@ -326,7 +328,7 @@ class Workspace:
         return self.root / f"{name}_{self._counter:03d}"
 
     def train(self, out: Path, *overrides: str, world: int = 1, inject: Optional[dict[int, Callable[[], None]]] = None,
-              timeout: float = 120.0, primary: Optional[int] = None) -> list[ChildResult]:
+              timeout: float = RUN_TIMEOUT_S, primary: Optional[int] = None) -> list[ChildResult]:
         """``edlm train tiny.yaml --out OUT [overrides]`` on ``world`` ranks; faults per rank in ``inject``."""
         argv = ["train", self.config, "--out", str(out), *overrides]
         if world == 1:

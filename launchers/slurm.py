@@ -1,29 +1,31 @@
-"""Submit ``edlm train`` to SLURM with submitit: N nodes x G GPUs, one task per GPU, preemption-safe.
+"""Submit ``edlm train`` (or ``sample`` / ``eval``) to SLURM with submitit: N nodes x G tasks, preemption-safe.
 
-    python launchers/slurm.py CONFIG --out DIR [key=value ...] [--sweep key=v1,v2 ...] [--dry-run]
+    python launchers/slurm.py CONFIG --out DIR [key=value ...] [--command train|sample|eval]
+                              [--sweep key=v1,v2 ...] [--wait] [--dry-run]
 
-Layout: ``slurm.nodes`` nodes, ``slurm.gpus_per_node`` tasks per node (one process per GPU), each
-task runs :class:`TrainJob` under ``srun``; ``TorchDistributedEnvironment().export()`` turns the
-SLURM task layout into RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK and
-:func:`edlm_dist.parallel.runtime.init_parallel` builds torch.distributed + Megatron from them.
-Partition, account, qos, constraint, memory and time come from the ``slurm:`` config section.
+Layout: ``slurm.nodes`` nodes, ``slurm.gpus_per_node`` tasks per node (one process per GPU; on CPU
+nodes ``slurm.gpus_per_node=0 slurm.tasks_per_node=N``). Every task is started by ``srun`` with the
+job's ``--cpus-per-task`` (Slurm 22.05-23.02 do not pass it on by themselves), ``--kill-on-bad-exit``
+(a task that dies takes the step down instead of leaving its peers blocked in a collective) and, with
+GPUs, ``--gpu-bind=none`` (every task sees the node's GPUs and ``LOCAL_RANK`` picks one, which is what
+DeepSpeed's ``set_device(LOCAL_RANK)`` assumes). Each task runs a job of ``launchers/slurm_tasks.py``.
 
-Preemption and time limits. The sbatch file asks SLURM for ``--signal=USR2@<delay>`` (and
-``--requeue``). submitit installs its own handlers in every task: USR2 -> (global rank 0 only)
-call ``checkpoint()`` of the submitted callable, pickle what it returns, ``scontrol requeue``,
-exit; SIGTERM -> ignored. Calling that straight from the signal handler would requeue in the
-middle of an optimizer step on rank 0 while the other ranks keep training, and would save
-nothing. So :class:`TrainJob` re-routes USR2 (and SIGTERM/SIGUSR1) to the trainer's flag: all
-ranks agree (all-reduce) to stop after the current step, write a checkpoint of that step
-together, and only then rank 0 runs submitit's own requeue path
-(``SignalHandler.checkpoint_and_try_requeue``: ``checkpoint()`` -> pickle -> requeue, timeouts
-counted against ``slurm.max_requeues``). The requeued job starts the same :class:`TrainJob`,
-which resumes from ``OUT/checkpoints/latest`` on its own. SIGTERM/SIGUSR1 (``scancel``, SLURM
-preemption without a user signal) checkpoint and exit with ``REQUEUE_EXIT_CODE`` without requeueing
-(SLURM's ``PreemptMode=REQUEUE`` or a resubmission of the same command resumes).
+Preemption and time limits (``train``). The sbatch file asks SLURM for ``--signal=USR2@<delay>`` and
+``--requeue``. submitit's own USR2 handler would requeue from global rank 0 in the middle of an
+optimizer step while the other ranks carry on, and save nothing. :class:`TrainJob` routes USR2 (and
+SIGTERM/SIGUSR1) to the trainer instead: all ranks agree (all-reduce) to stop after the current step,
+write a checkpoint of that step together, and only then rank 0 runs submitit's requeue path
+(``checkpoint()`` -> pickle -> ``scontrol requeue``). The requeued job resumes from
+``OUT/checkpoints/latest``. SIGTERM/SIGUSR1 (``scontrol requeue``, ``scancel``, preemption without a
+user signal) also checkpoint; the job then exits with ``REQUEUE_EXIT_CODE`` and the scheduler requeues
+or ends it. ``slurm.max_requeues`` caps ``SLURM_RESTART_COUNT``: at the cap a signalled run stops with
+its checkpoint instead of requeueing, and a run restarted beyond it refuses to start; both fail with an
+``error`` naming the checkpoint (submit the same command again to continue).
 
 Sweeps: ``--sweep train.lr=1e-4,3e-4`` makes a job array with one task per value (several
-``--sweep`` flags: every combination); task i trains into ``DIR/<key>=<value>...``.
+``--sweep`` flags: every combination); task i writes into ``DIR/<key>=<value>...``.
+``--wait`` stays until the jobs end and explains a failure: which task (rank, node) died and how,
+and the last checkpoint.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import pickle
+import re
 import shlex
 import shutil
-import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -43,26 +47,37 @@ if __package__ in (None, ""):  # `python launchers/slurm.py`: make `edlm_dist` a
 
 import submitit
 
-from edlm_dist.config.load import config_from_dict, config_to_dict, load_config, validate_world
+from edlm_dist.config.load import config_to_dict, load_config, validate_world
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import ConfigError, EdlmError
+from launchers import slurm_tasks
+from launchers.slurm_tasks import TASK_LINE_PATTERN, CommandJob, TrainJob
 
 SIGNAL_DELAY_S = 180  # USR2 this long before the time limit: one step + a checkpoint must fit
 SUBMITIT_DIR = "submitit"  # under --out: pickles and per-task logs (%j_%t_log.out/err)
+COMMANDS = ("train", "sample", "eval")
 
 
 # ----------------------------------------------------------------------------- executor parameters
-def executor_parameters(cfg: RunConfig, *, job_name: str = "edlm", signal_delay_s: int = SIGNAL_DELAY_S,
-                        gpus: bool = True) -> dict[str, Any]:
+def srun_arguments(cfg: RunConfig) -> list[str]:
+    """What every task's ``srun`` needs beyond submitit's defaults (see the module docstring)."""
+    args = [f"--cpus-per-task={cfg.slurm.cpus_per_task}", "--kill-on-bad-exit=1"]
+    if cfg.slurm.gpus_per_node > 0:
+        args.append("--gpu-bind=none")
+    return args
+
+
+def executor_parameters(cfg: RunConfig, *, job_name: str = "edlm", signal_delay_s: int = SIGNAL_DELAY_S) -> dict:
     """``AutoExecutor.update_parameters`` kwargs: shared names plus ``slurm_`` ones from ``cfg.slurm``."""
     s = cfg.slurm
     params: dict[str, Any] = {
-        "name": job_name, "timeout_min": int(s.time_min), "nodes": int(s.nodes),
-        "tasks_per_node": int(s.gpus_per_node),  # one process per GPU
-        "gpus_per_node": int(s.gpus_per_node) if gpus else 0, "cpus_per_task": int(s.cpus_per_task),
-        "slurm_signal_delay_s": int(signal_delay_s),
+        "name": job_name, "timeout_min": int(s.time_min), "nodes": int(s.nodes), "tasks_per_node": int(s.tasks),
+        "cpus_per_task": int(s.cpus_per_task), "slurm_signal_delay_s": int(signal_delay_s),
+        "slurm_srun_args": srun_arguments(cfg),
         "slurm_additional_parameters": {"requeue": True},  # allow `scontrol requeue` on any cluster default
     }
+    if s.gpus_per_node > 0:
+        params["gpus_per_node"] = int(s.gpus_per_node)
     if s.mem_gb > 0:
         params["mem_gb"] = int(s.mem_gb)
     for key in ("partition", "account", "qos", "constraint"):
@@ -101,99 +116,16 @@ def sbatch_text(cfg: RunConfig, folder: str | os.PathLike, *, array_size: Option
                                **sbatch_parameters(cfg, **kwargs))
 
 
-def build_executor(cfg: RunConfig, folder: str | os.PathLike, *, cluster: Optional[str] = None,
-                   **kwargs: Any) -> submitit.AutoExecutor:
-    """``AutoExecutor`` for ``cfg.slurm`` (``cluster``: None = detect, "slurm", "local", "debug")."""
-    if cluster == "slurm" and shutil.which("srun") is None:
-        raise ConfigError("srun is not on PATH: submit from a SLURM login node (or use --dry-run to see the "
-                          "sbatch file, --cluster local to run the job on this machine)")
-    requeues = int(cfg.slurm.max_requeues)  # submitit counts time-outs only; preemptions requeue freely
-    executor = submitit.AutoExecutor(folder=str(Path(folder).resolve() / "%j"), cluster=cluster,
-                                     slurm_max_num_timeout=requeues, local_max_num_timeout=requeues)
-    on_cluster = executor.cluster == "slurm"
-    gpus = on_cluster or _visible_gpus() >= cfg.slurm.gpus_per_node
-    executor.update_parameters(**executor_parameters(cfg, gpus=gpus, **kwargs))
+def build_executor(cfg: RunConfig, folder: str | os.PathLike, **kwargs: Any) -> submitit.AutoExecutor:
+    """``AutoExecutor(cluster="slurm")`` for ``cfg.slurm``."""
+    if shutil.which("srun") is None:
+        raise ConfigError("srun is not on PATH: submit from a SLURM login node, start the local test cluster "
+                          "(scripts/local_slurm.sh start), or use --dry-run to see the sbatch file")
+    # submitit counts time-outs against this; TrainJob caps every restart (SLURM_RESTART_COUNT) at the same number.
+    executor = submitit.AutoExecutor(folder=str(Path(folder).resolve() / "%j"), cluster="slurm",
+                                     slurm_max_num_timeout=int(cfg.slurm.max_requeues))
+    executor.update_parameters(**executor_parameters(cfg, **kwargs))
     return executor
-
-
-def _visible_gpus() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-# ----------------------------------------------------------------------------- the job
-class TrainJob(submitit.helpers.Checkpointable):
-    """One training run (all tasks of a SLURM job run it); resumable, so checkpoint() just resubmits it."""
-
-    def __init__(self, config: dict, out: str, requeues: int = 0):
-        self.config, self.out, self.requeues = config, str(out), int(requeues)
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Called by submitit before requeueing: the same run again; the training state is in OUT/checkpoints."""
-        return submitit.helpers.DelayedSubmission(type(self)(self.config, self.out, self.requeues + 1))
-
-    def __call__(self) -> dict:
-        from submitit.core.job_environment import JobEnvironment, SignalHandler
-        from submitit.core.utils import DelayedSubmission
-
-        from edlm_dist.parallel.runtime import shutdown_parallel
-        from edlm_dist.artifacts import checkpoint as ckpt
-        from edlm_dist.errors import REQUEUE_EXIT_CODE
-        from edlm_dist.training.trainer import PREEMPTION_SIGNALS, Preempted, Trainer
-
-        # RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; GPUs stay visible: init_parallel picks LOCAL_RANK's device.
-        submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
-        env = JobEnvironment()
-        requeue_signal = env._usr_sig()  # USR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise
-        # submitit's requeue logic, started now so its time-out accounting sees the job's run time.
-        requeuer = SignalHandler(env, env.paths, DelayedSubmission.load(env.paths.submitted_pickle))
-        cfg = config_from_dict(self.config)
-        latest = ckpt.latest_checkpoint(self.out)
-        start_step = int(ckpt.read_meta(latest)["step"]) if latest is not None else 0
-        # Until the trainer exists, only remember stop signals (submitit's handler would requeue from rank 0
-        # alone while the other ranks carry on); they are re-raised once the trainer can act on them.
-        pending: list[int] = []
-        for sig in (requeue_signal, *PREEMPTION_SIGNALS):
-            signal.signal(sig, lambda signum, _frame: pending.append(signum))
-        trainer, stopped = None, None
-        try:
-            trainer = Trainer(cfg, self.out)
-            trainer.install_signal_handlers()  # SIGTERM/SIGUSR1 -> stop after this step with a checkpoint
-            signal.signal(requeue_signal, signal.getsignal(signal.SIGTERM))  # and submitit's USR2 too
-            for signum in pending:
-                signal.raise_signal(signum)
-            trainer.train()
-        except Preempted as exc:
-            stopped = exc
-        finally:
-            if trainer is not None:
-                trainer.close()
-            shutdown_parallel()
-        if stopped is None:
-            return {"rank": env.global_rank, "start_step": start_step, "step": trainer.step,
-                    "requeues": self.requeues, "out": self.out}
-        print(f"edlm TrainJob: {stopped}", flush=True)
-        if stopped.signum == requeue_signal:
-            try:  # global rank 0: checkpoint() -> pickle -> requeue -> exit; other ranks return at once
-                requeuer.checkpoint_and_try_requeue(stopped.signum)
-                code = 0
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-        else:
-            code = REQUEUE_EXIT_CODE
-        _leave(code)
-
-
-def _leave(code: int) -> None:
-    """Exit without a result pickle (the requeued job writes it) and without interpreter teardown.
-
-    The teardown is where torch 2.13 + gloo sometimes aborts (STACK_NOTES); an abort would replace
-    submitit's requeue exit code and the local executor would not restart the job.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # ----------------------------------------------------------------------------- sweeps and submission
@@ -223,31 +155,48 @@ def _absolute_paths(cfg: RunConfig) -> RunConfig:
     return cfg
 
 
-def plan_jobs(config_path: str, out: str, overrides: Sequence[str] = (),
-              sweeps: Sequence[str] = ()) -> list[tuple[RunConfig, Path]]:
-    """Validated ``(config, out folder)`` per job (array task); nothing is submitted."""
-    points = parse_sweeps(sweeps)
+def _check_command_inputs(command: str, cfg: RunConfig) -> None:
+    """What `edlm sample` / `edlm eval` check before loading a model, now, before anything is queued."""
+    if command == "sample":
+        from edlm_dist.sampling.run import check_inputs
+
+        check_inputs(cfg)
+    elif command == "eval":
+        from edlm_dist.evaluation.run import resolve_plan
+
+        resolve_plan(cfg)
+
+
+def plan_jobs(config_path: str, out: str, overrides: Sequence[str] = (), sweeps: Sequence[str] = (),
+              command: str = "train") -> list[tuple[RunConfig, list[str], Path]]:
+    """Validated ``(config, overrides, out folder)`` per job (array task); nothing is submitted."""
+    if command not in COMMANDS:
+        raise ConfigError(f"--command {command} is not one of {', '.join(COMMANDS)}")
     plan = []
-    for point in points:
+    for point in parse_sweeps(sweeps):
         cfg = _absolute_paths(load_config(config_path, [*overrides, *point]))
-        if not cfg.data.dir:
+        if command == "train" and not cfg.data.dir:
             raise ConfigError("data.dir is empty; run `edlm prepare-data ... --out DATA` and pass data.dir=DATA")
-        validate_world(cfg, cfg.slurm.nodes * cfg.slurm.gpus_per_node)
+        validate_world(cfg, cfg.slurm.nodes * cfg.slurm.tasks, training=command == "train")
+        _check_command_inputs(command, cfg)
         folder = Path(out).resolve() / sweep_folder(point) if sweeps else Path(out).resolve()
-        plan.append((cfg, folder))
+        plan.append((cfg, [*overrides, *point], folder))
     return plan
 
 
 def submit(config_path: str, out: str, overrides: Sequence[str] = (), sweeps: Sequence[str] = (), *,
-           cluster: Optional[str] = None, **executor_kwargs: Any) -> list:
+           command: str = "train", **executor_kwargs: Any) -> list:
     """Submit one job (or one array) and return the submitit jobs."""
     import cloudpickle
 
-    plan = plan_jobs(config_path, out, overrides, sweeps)
-    # Pickle TrainJob by value: the tasks then need `edlm_dist` only, not this file on their sys.path.
-    cloudpickle.register_pickle_by_value(sys.modules[TrainJob.__module__])
-    executor = build_executor(plan[0][0], Path(out) / SUBMITIT_DIR, cluster=cluster, **executor_kwargs)
-    jobs_to_submit = [TrainJob(config_to_dict(cfg), str(folder)) for cfg, folder in plan]
+    plan = plan_jobs(config_path, out, overrides, sweeps, command)
+    # Pickle the jobs by value: the tasks then need `edlm_dist` only, not this checkout on their sys.path.
+    cloudpickle.register_pickle_by_value(slurm_tasks)
+    executor = build_executor(plan[0][0], Path(out) / SUBMITIT_DIR, **executor_kwargs)
+    config = str(Path(config_path).resolve())
+    jobs_to_submit = [TrainJob(config_to_dict(cfg), str(folder)) if command == "train"
+                      else CommandJob(command, config, str(folder), point_overrides)
+                      for cfg, point_overrides, folder in plan]
     if len(jobs_to_submit) == 1:
         return [executor.submit(jobs_to_submit[0])]
     with executor.batch():  # one SLURM job array, one task per sweep point
@@ -255,16 +204,83 @@ def submit(config_path: str, out: str, overrides: Sequence[str] = (), sweeps: Se
     return jobs
 
 
+# ----------------------------------------------------------------------------- waiting and failures
+def wait(jobs: Sequence, timeout_s: Optional[float] = None, poll_s: float = 1.0) -> None:
+    """Until SLURM says every job has ended (``sacct`` at each poll: the tasks' result files can appear while
+    srun still winds the step down); TimeoutError after ``timeout_s``."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while not all(job.watcher.is_done(job.job_id, mode="force") for job in jobs):
+        if deadline is not None and time.monotonic() > deadline:
+            states = ", ".join(f"{job.job_id}: {job.state}" for job in jobs)
+            raise TimeoutError(f"SLURM jobs still running after {timeout_s:.0f} s ({states})")
+        time.sleep(poll_s)
+
+
+_SRUN_ERROR = re.compile(r"srun: error: (?P<node>\S+): tasks? (?P<tasks>[\d,\-]+): (?P<what>.+)")  # Slurm's words
+
+
+def _expand_tasks(spec: str) -> list[int]:
+    """srun's task lists: ``1``, ``0-3``, ``0,2-3``."""
+    tasks = []
+    for part in spec.split(","):
+        low, _, high = part.partition("-")
+        tasks.extend(range(int(low), int(high or low) + 1))
+    return tasks
+
+
+def task_reports(job) -> dict[int, dict[str, str]]:
+    """Per task of an ended job: its node, what Slurm said about it and its own error, from the job folder."""
+    folder = Path(job.paths.folder)
+    reports: dict[int, dict[str, str]] = {}
+    for log in sorted(folder.glob("*_log.out")):
+        for match in TASK_LINE_PATTERN.finditer(log.read_text(errors="replace")):
+            reports.setdefault(int(match["rank"]), {})["node"] = match["node"]
+    for log in sorted(folder.glob("*_log.err")):
+        for match in _SRUN_ERROR.finditer(log.read_text(errors="replace")):
+            for task in _expand_tasks(match["tasks"]):
+                reports.setdefault(task, {}).update(node=match["node"], slurm=match["what"].strip())
+    for result in sorted(folder.glob("*_result.pkl")):
+        task = int(result.name.split("_")[-2])
+        try:
+            outcome, value = pickle.loads(result.read_bytes())
+        except Exception:  # noqa: BLE001 - a half-written pickle is no reason to hide the rest
+            continue
+        if outcome == "error":
+            last = [x for x in str(value).strip().splitlines() if x.strip()][-1:]
+            reports.setdefault(task, {})["error"] = last[0].strip() if last else "failed"
+    return reports
+
+
+def describe_failure(job, out: Optional[str | os.PathLike] = None) -> str:
+    """One paragraph for an ended job that failed: each task that failed (rank, node, how) and the last checkpoint."""
+    parts = [f"SLURM job {job.job_id} ended as {job.state}"]
+    reports = task_reports(job)
+    # Tasks that died without an error of their own (killed) first: their peers' errors are the consequence.
+    for task, report in sorted(reports.items(), key=lambda item: ("error" in item[1], item[0])):
+        how = "; ".join(x for x in (report.get("slurm") and f"Slurm: {report['slurm']}", report.get("error")) if x)
+        if how:
+            parts.append(f"task {task} (rank {task} on node {report.get('node', '?')}): {how}")
+    if out is not None:
+        from edlm_dist.artifacts.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(out)
+        parts.append(f"last checkpoint: {last if last else 'none'}"
+                     + (" (submit the same command again to resume from it)" if last else ""))
+    parts.append(f"logs: {job.paths.folder}")
+    return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="launchers/slurm.py", description=__doc__.split("\n\n")[0])
     p.add_argument("config", help="YAML config (its slurm: section sets nodes, GPUs, partition, time...)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. slurm.nodes=4 train.steps=1000")
     p.add_argument("--out", required=True, help="run folder (shared file system); a requeued job resumes from it")
+    p.add_argument("--command", default="train", choices=COMMANDS, help="the edlm subcommand every task runs")
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
                    help="job array: one task per value (repeat for a grid); task outputs in OUT/KEY=V")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch file and the plan; submit nothing")
-    p.add_argument("--cluster", default="slurm", choices=["slurm", "local", "debug"],
-                   help="slurm (default), or local: the same job with submitit's local executor on this machine")
+    p.add_argument("--wait", action="store_true", help="stay until the jobs end; explain a failure (exit 1)")
     p.add_argument("--job-name", default="edlm")
     p.add_argument("--signal-delay-s", type=int, default=SIGNAL_DELAY_S,
                    help="seconds before the time limit at which SLURM sends USR2 (checkpoint + requeue)")
@@ -281,19 +297,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     kwargs = {"job_name": args.job_name, "signal_delay_s": args.signal_delay_s}
     try:
         if args.dry_run:
-            plan = plan_jobs(args.config, args.out, overrides, args.sweep)
+            plan = plan_jobs(args.config, args.out, overrides, args.sweep, args.command)
             array = len(plan) if args.sweep else None
             print(sbatch_text(plan[0][0], Path(args.out) / SUBMITIT_DIR, array_size=array, **kwargs))
-            for i, (_, folder) in enumerate(plan):
+            for i, (_, _, folder) in enumerate(plan):
                 print(f"# task {i}: --out {folder}")
             return 0
-        jobs = submit(args.config, args.out, overrides, args.sweep, cluster=args.cluster, **kwargs)
+        jobs = submit(args.config, args.out, overrides, args.sweep, command=args.command, **kwargs)
     except EdlmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for job in jobs:
-        print(f"submitted job {job.job_id}; logs: {job.paths.stdout}")
-    return 0
+        print(f"submitted job {job.job_id}; logs: {job.paths.stdout}", flush=True)
+    if not args.wait:
+        return 0
+    wait(jobs)
+    failed = [job for job in jobs if job.exception() is not None]
+    for job in failed:
+        out = job.submission().function.out if args.command == "train" else None
+        print(f"error: {describe_failure(job, out)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -118,6 +118,15 @@ def validate_config(cfg: RunConfig) -> None:
             steps = getattr(cfg.pipeline, f"{model}_steps")
             _check(steps >= 1, f"pipeline.{model}_steps=0 but pipeline.methods has {method}, which needs the "
                    f"{model} model; train it (pipeline.{model}_steps >= 1) or drop {method}")
+    _validate_slurm(cfg.slurm)
+
+
+def _validate_slurm(s) -> None:
+    """What the field ranges cannot say: how processes per node follow from GPUs per node."""
+    _check(s.tasks >= 1, "slurm.gpus_per_node=0 (CPU nodes) needs slurm.tasks_per_node >= 1 processes per node")
+    _check(s.gpus_per_node == 0 or s.tasks == s.gpus_per_node,
+           f"slurm.tasks_per_node={s.tasks_per_node} with slurm.gpus_per_node={s.gpus_per_node}: one process drives "
+           "one GPU; set tasks_per_node=0 (or equal to gpus_per_node)")
 
 
 def validate_world(cfg: RunConfig, world_size: int, *, training: bool = True) -> int:

@@ -224,7 +224,9 @@ class LoggingConfig:
 @dataclass
 class SlurmConfig:
     nodes: int = number(1, 1, 10**5)
-    gpus_per_node: int = number(8, 1, 1024)  # processes per node: one per GPU
+    gpus_per_node: int = number(8, 0, 1024)  # 0: CPU nodes (no GPU request)
+    # processes per node; 0 = one per GPU (gpus_per_node), which is what GPU runs need
+    tasks_per_node: int = number(0, 0, 4096)
     cpus_per_task: int = number(8, 1, 4096)
     partition: str = text("", SLURM_WORD)
     account: str = text("", SLURM_WORD)
@@ -232,7 +234,13 @@ class SlurmConfig:
     constraint: str = text("", SLURM_CONSTRAINT)
     time_min: int = number(240, 1, 525600)  # wall-clock limit in minutes (at most a year)
     mem_gb: int = number(0, 0, 10**6)  # 0: the partition's default
+    # most restarts (SLURM_RESTART_COUNT) a run accepts: preemptions, time limits, requeues
     max_requeues: int = number(20, 0, 10**4)
+
+    @property
+    def tasks(self) -> int:
+        """Processes per node: ``tasks_per_node``, or one per GPU."""
+        return self.tasks_per_node or self.gpus_per_node
 
 
 @dataclass

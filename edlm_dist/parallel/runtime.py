@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import re
 import socket
 from dataclasses import dataclass
 from typing import Optional
@@ -58,14 +59,18 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM nodelist such as ``node[003-005,9]`` without needing scontrol."""
-    head = nodelist.split(",")[0]
-    if "[" not in head:
-        return head
-    prefix, rest = head.split("[", 1)
-    first = rest.split("-")[0].split(",")[0].rstrip("]")
-    return prefix + first
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist, e.g. ``node[003-005,9]`` -> ``node003``, ``r[1-2]n[0-3]`` -> ``r1n0``,
+    ``node[1-4]-ib`` -> ``node1-ib``, ``gpu-[01-02],cpu1`` -> ``gpu-01`` (what ``scontrol show hostnames``
+    lists first; parsed here because scontrol may be absent on the compute node or retry for a minute)."""
+    head, depth = "", 0
+    for char in nodelist.strip():
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:  # the first comma outside brackets ends the first host group
+            break
+        head += char
+    # every bracket contributes its first range's first value, zero padding kept
+    return re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[,-]", m.group(1))[0], head)
 
 
 def discover_environment() -> dict[str, int | str]:
@@ -79,7 +84,7 @@ def discover_environment() -> dict[str, int | str]:
         rank, world, local = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-        env.setdefault("MASTER_ADDR", _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+        env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
         env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
     else:
         rank, world, local = 0, 1, 0

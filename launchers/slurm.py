@@ -59,6 +59,15 @@ COMMANDS = ("train", "sample", "eval")
 
 
 # ----------------------------------------------------------------------------- executor parameters
+# sbatch lines before the srun line. The batch shell passes USR2 on to srun, which passes it to every task:
+# `scancel -b --signal=USR2` and `--signal=B:USR2@T` signal only the batch shell, which would otherwise die of
+# it (no checkpoint) or, with a plain trap, run the trap only after srun has returned. So srun runs in the
+# background and the shell waits for it, and still returns its exit status.
+FORWARD_USR2_TO_TASKS = [
+    "trap 'kill -USR2 \"$EDLM_SRUN_PID\" 2>/dev/null' USR2",
+    'srun() { command srun "$@" & EDLM_SRUN_PID=$!; while kill -0 "$EDLM_SRUN_PID" 2>/dev/null; do '
+    'wait "$EDLM_SRUN_PID"; done; wait "$EDLM_SRUN_PID"; }',
+]
 def srun_arguments(cfg: RunConfig) -> list[str]:
     """What every task's ``srun`` needs beyond submitit's defaults (see the module docstring)."""
     args = [f"--cpus-per-task={cfg.slurm.cpus_per_task}", "--kill-on-bad-exit=1"]
@@ -73,7 +82,7 @@ def executor_parameters(cfg: RunConfig, *, job_name: str = "edlm", signal_delay_
     params: dict[str, Any] = {
         "name": job_name, "timeout_min": int(s.time_min), "nodes": int(s.nodes), "tasks_per_node": int(s.tasks),
         "cpus_per_task": int(s.cpus_per_task), "slurm_signal_delay_s": int(signal_delay_s),
-        "slurm_srun_args": srun_arguments(cfg),
+        "slurm_srun_args": srun_arguments(cfg), "slurm_setup": list(FORWARD_USR2_TO_TASKS),
         "slurm_additional_parameters": {"requeue": True},  # allow `scontrol requeue` on any cluster default
     }
     if s.gpus_per_node > 0:
@@ -209,7 +218,11 @@ def wait(jobs: Sequence, timeout_s: Optional[float] = None, poll_s: float = 1.0)
     """Until SLURM says every job has ended (``sacct`` at each poll: the tasks' result files can appear while
     srun still winds the step down); TimeoutError after ``timeout_s``."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not all(job.watcher.is_done(job.job_id, mode="force") for job in jobs):
+
+    def ended(job) -> bool:  # without accounting sacct knows nothing (UNKNOWN): then the result files decide
+        return job.watcher.is_done(job.job_id, mode="force") or (job.state == "UNKNOWN" and job.done())
+
+    while not all(ended(job) for job in jobs):
         if deadline is not None and time.monotonic() > deadline:
             states = ", ".join(f"{job.job_id}: {job.state}" for job in jobs)
             raise TimeoutError(f"SLURM jobs still running after {timeout_s:.0f} s ({states})")

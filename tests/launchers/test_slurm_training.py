@@ -63,11 +63,14 @@ def _submit(out, overrides) -> object:
     return job
 
 
-def test_two_nodes_train_like_the_local_launcher(data_dir, reference, tmp_path):
+def test_two_nodes_train_like_the_local_launcher(data_dir, reference, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    # Stands in for Slurm 22.05-23.02, whose srun does not take the job's --cpus-per-task: sbatch passes this
+    # on, and a bare `srun` in the job then gives each task 1 CPU. The tasks get their 2 from srun's own flag.
+    monkeypatch.setenv("SRUN_CPUS_PER_TASK", "1")
     assert slurm.main([CONFIG, "--out", str(out), *train_overrides(data_dir), *on_cluster(), "--wait"]) == 0
     results = [outcome_and_result(path) for path in sorted((out / "submitit").glob("*/*_result.pkl"))]
-    # One task per node, each with the 2 CPUs of --cpus-per-task (srun is told so explicitly).
+    # One task per node, each pinned to the 2 CPUs of slurm.cpus_per_task.
     assert [(outcome, r["rank"], r["node"], r["cpus"], r["restarts"], r["step"]) for outcome, r in results] == [
         ("success", 0, "n1", 2, 0, STEPS), ("success", 1, "n2", 2, 0, STEPS)]
     _assert_like_reference(out, reference)
@@ -78,13 +81,14 @@ def test_usr2_preemption_requeues_resumes_exactly_and_stops_at_max_requeues(data
     resumes; a second USR2 at slurm.max_requeues=1 stops with a checkpoint and a clear error instead."""
     out = tmp_path / "run"
     job = _submit(out, [*train_overrides(data_dir), *on_cluster(**{"slurm.max_requeues": 1})])
-    usr2 = ["scancel", "--signal=USR2", job.job_id]  # to the job's steps (where the tasks run), as --signal=USR2@T
     wait_until(lambda: last_step(out) >= 3, "training to start", WAIT_S, job)
-    subprocess.run(usr2, check=True, timeout=30)
+    # First to the batch shell only (it passes USR2 on to the tasks through srun) ...
+    subprocess.run(["scancel", "-b", "--signal=USR2", job.job_id], check=True, timeout=30)
     wait_until(lambda: len(restarts_logged(out)) == 2 and last_step(out) >= restarts_logged(out)[1][1] + 3,
                "the requeued job to resume and train", WAIT_S, job)
     first_stop = restarts_logged(out)[1][1]
-    subprocess.run(usr2, check=True, timeout=30)
+    # ... then to the job's steps, where the tasks run (what --signal=USR2@T does before a time limit).
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], check=True, timeout=30)
     slurm.wait([job], timeout_s=WAIT_S)
     assert 3 <= first_stop < STEPS, "the first signal landed after training ended"
     assert restarts_logged(out) == [(0, 0), (1, first_stop)]  # SLURM_RESTART_COUNT logged at each start

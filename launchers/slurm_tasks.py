@@ -45,6 +45,9 @@ class TaskInfo:
 
 def task_environment() -> TaskInfo:
     """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT for this task; log it."""
+    # sbatch exports the submitting shell's environment: a MASTER_PORT set there would be shared by every job
+    # and array task on a node. Without it submitit derives the port from this job's id.
+    os.environ.pop("MASTER_PORT", None)
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     # One process per GPU, all GPUs of the node visible (srun --gpu-bind=none): LOCAL_RANK picks the device.
     dist_env.export(set_cuda_visible_devices=False, overwrite=True)

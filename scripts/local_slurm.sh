@@ -182,11 +182,21 @@ start() {
   launch slurmdbd slurmdbd slurmdbd -D
   wait_for 60 slurmdbd sacctmgr -n list cluster
   sacctmgr -n list cluster format=cluster | grep -qw "$CLUSTER" || sacctmgr -i add cluster "$CLUSTER" >/dev/null
+  local cold=1
   if pid_alive slurmctld; then
     scontrol reconfigure  # already running: pick up the configuration written above
+    cold=0
   fi
   launch slurmctld slurmctld slurmctld -D
   wait_for 30 slurmctld scontrol ping
+  if [ "$cold" -eq 1 ]; then  # jobs saved by a cluster that died without `stop`: their processes are gone
+    local leftover
+    leftover=$(squeue -h -o %i 2>/dev/null || true)
+    if [ -n "$leftover" ]; then
+      say "cancelling jobs left by a cluster that was not stopped: $(echo $leftover)"
+      scancel $leftover 2>/dev/null || true
+    fi
+  fi
   for node in "${NODES[@]}"; do
     launch "slurmd-$node" slurmd slurmd -D -N "$node"
   done

@@ -102,7 +102,10 @@ def test_plain_srun_layout_and_master_from_node_lists(monkeypatch):
                             ("gpu-[01-02],cpu1", "gpu-01"), ("a,b[1-2]", "a"), ("login1", "login1")):
         assert first_slurm_host(nodelist) == first, nodelist
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(key, raising=False)
+        # set, then delete: monkeypatch then restores (removes) what discover_environment writes, which
+        # would otherwise travel with every later `sbatch` of this process (--export=ALL) into the jobs
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")

@@ -24,8 +24,11 @@ def data_dir(tmp_path_factory):
     return prepare(tmp_path_factory.mktemp("slurm_jobs_data"))
 
 
-def test_sweep_is_one_array_with_a_folder_and_a_result_per_value(data_dir, tmp_path, capsys):
+def test_sweep_is_one_array_with_a_folder_and_a_result_per_value(data_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
+    # A MASTER_PORT in the submitting shell travels into the jobs (sbatch --export=ALL); the two array tasks
+    # start at once on this host and must still get ports of their own.
+    monkeypatch.setenv("MASTER_PORT", "29500")
     args = [CONFIG, "--out", str(out), *train_overrides(data_dir, **{"train.steps": 4, "train.save_every": 4}),
             *on_cluster(nodes=1), "--sweep", "train.lr=1e-3,3e-3"]
     assert slurm.main([*args, "--dry-run"]) == 0

@@ -35,22 +35,35 @@ def _sweep(args) -> dict:
     if not grid:
         raise SystemExit(f"error: --only {args.only!r} keeps no setting of the grid")
     warmed = set()
-    for method in grid:  # first-call overheads (allocations, caches) out of the timed runs
+    for method in grid:  # first-call overheads (allocations, lazy imports) out of the timed runs; two rows do it
         if method.curve not in warmed:
-            run_method(models, method, 0, min(args.batch_size, args.samples), args.batch_size)
+            run_method(models, method, 0, min(2, args.samples), args.batch_size)
             warmed.add(method.curve)
     results = {m.name: {"method": m.as_dict(), "seeds": []} for m in grid}
     started = time.perf_counter()
-    for seed in args.seeds:
+
+    def payload(seeds: list[int]) -> dict:
+        return {"title": (f"L = {models.length}, batch {args.batch_size}, seeds {seeds}, {args.samples} samples per "
+                          f"setting and seed, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, sweep "
+                          f"{time.perf_counter() - started:.0f} s"),
+                "length": models.length, "batch_size": args.batch_size, "energies": args.energies,
+                "data_gen_ppl": float(torch.exp(torch.tensor(models.language.entropy_per_token()[0]))),
+                "results": list(results.values())}
+
+    for n, seed in enumerate(args.seeds):
         for method in grid:
             results[method.name]["seeds"].append(run_method(models, method, seed, args.samples, args.batch_size))
         print(f"seed {seed} done ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-    return {"title": (f"L = {models.length}, batch {args.batch_size}, seeds {args.seeds}, {args.samples} samples per "
-                      f"setting and seed, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, sweep "
-                      f"{time.perf_counter() - started:.0f} s"),
-            "length": models.length, "batch_size": args.batch_size, "energies": args.energies,
-            "data_gen_ppl": float(torch.exp(torch.tensor(models.language.entropy_per_token()[0]))),
-            "results": list(results.values())}
+        if args.json:  # every finished seed is kept, so a sweep stopped early still reports what it measured
+            _write_json(args.json, payload(args.seeds[: n + 1]))
+    return payload(args.seeds)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(payload))
+    partial.replace(path)
 
 
 def _profile(args) -> None:
@@ -118,9 +131,6 @@ def main() -> None:
         payload = json.loads(args.from_json.read_text())
     elif args.runs:
         payload = _sweep(args)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(payload))
     else:
         raise SystemExit("error: pass --runs <pipeline folder> to sample, or --from-json <saved run> to report")
 

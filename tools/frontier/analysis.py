@@ -8,8 +8,10 @@ costs; the cost at which a family first reaches a target Gen PPL (interpolated i
 each curve, the cheapest curve wins); and the ratio of two families' costs. Replicate 0 is the data
 itself (the point estimate); the interval is the percentile interval of the others.
 
-Costs: ``seconds`` (wall clock per sample, measured side by side in one process), ``calls`` (sequential
-model calls per sample) and ``tokens`` (model tokens per sample).
+Costs: ``seconds`` (wall clock per sample, measured side by side in one process), ``cpu_seconds`` (the
+process's CPU time per sample: with one thread, the wall clock an idle core would give, and far less
+disturbed than wall time on a machine other jobs share), ``calls`` (sequential model calls per sample) and
+``tokens`` (model tokens per sample).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-MEASURES = ("seconds", "calls", "tokens")
+MEASURES = ("seconds", "cpu_seconds", "calls", "tokens")
 
 
 @dataclass

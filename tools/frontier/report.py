@@ -63,10 +63,11 @@ def _fmt(entry: dict, digits: int = 2) -> str:
 
 
 def settings_table(rep: Replicates) -> list[str]:
-    lines = ["| setting | Gen PPL [95 % CI] | ms/sample | sequential calls/sample | model tokens/sample |",
-             "|---|---|---|---|---|"]
+    lines = ["| setting | Gen PPL [95 % CI] | ms/sample (wall) | CPU ms/sample | sequential calls/sample | "
+             "model tokens/sample |", "|---|---|---|---|---|---|"]
     for s, name in enumerate(rep.names):
         lines.append(f"| {name} | {_fmt(interval(rep.ppl[:, s]))} | {1e3 * float(rep.cost['seconds'][0, s]):.2f} | "
+                     f"{1e3 * float(rep.cost['cpu_seconds'][0, s]):.2f} | "
                      f"{float(rep.cost['calls'][0, s]):.1f} | {float(rep.cost['tokens'][0, s]):.0f} |")
     return lines
 
@@ -77,16 +78,17 @@ def headline_table(summary: dict, energies) -> list[str]:
                             ("every_mdlm", "every MDLM variant (incl. block-wise and block-causal)")):
         entry = summary[ref_name]
         lines += ["", f"Reference: {title}; its best Gen PPL {_fmt(entry['best_gen_ppl'])}.", "",
-                  "| energy | EDLM family | speed-up, wall clock | speed-up, sequential calls | speed-up, model tokens | "
-                  "fastest EDLM curve (wall) |", "|---|---|---|---|---|---|"]
+                  "| energy | EDLM family | speed-up, wall clock | speed-up, CPU time | speed-up, sequential calls | "
+                  "speed-up, model tokens | fastest EDLM curve (CPU) |", "|---|---|---|---|---|---|---|"]
         for energy in energies:
             for name, values in entry["speedups"].get(energy, {}).items():
-                lines.append(f"| {energy} | {name} | {_fmt(values['seconds'])} | {_fmt(values['calls'])} | "
-                             f"{_fmt(values['tokens'])} | {values['seconds']['candidate_curve'] or '-'} |")
+                lines.append(f"| {energy} | {name} | {_fmt(values['seconds'])} | {_fmt(values['cpu_seconds'])} | "
+                             f"{_fmt(values['calls'])} | {_fmt(values['tokens'])} | "
+                             f"{values['cpu_seconds']['candidate_curve'] or '-'} |")
         if entry.get("block_mdlm"):
             b = entry["block_mdlm"]
-            lines.append(f"| (none) | block-wise MDLM | {_fmt(b['seconds'])} | {_fmt(b['calls'])} | {_fmt(b['tokens'])} | "
-                         f"{b['seconds']['candidate_curve'] or '-'} |")
+            lines.append(f"| (none) | block-wise MDLM | {_fmt(b['seconds'])} | {_fmt(b['cpu_seconds'])} | {_fmt(b['calls'])} | "
+                         f"{_fmt(b['tokens'])} | {b['cpu_seconds']['candidate_curve'] or '-'} |")
     if "at_ar_quality" in summary:
         entry = summary["at_ar_quality"]
         lines += ["", f"AR sampler: Gen PPL {_fmt(entry['ar_gen_ppl'])} in {entry['ar_calls']:.0f} sequential calls; "
@@ -99,8 +101,8 @@ def headline_table(summary: dict, energies) -> list[str]:
 
 
 def plot(rep: Replicates, path: Path, title: str, energies) -> None:
-    """Gen PPL (pooled point estimates) against wall clock (``path``) and against sequential calls (``*_calls.png``),
-    log-log, one panel per energy: its EDLM curves (whole row dashed, block-wise solid) over the references
+    """Gen PPL (pooled point estimates) against CPU time (``path``), sequential calls (``*_calls.png``) and wall
+    clock (``*_wall.png``), log-log, one panel per energy: its EDLM curves (whole row dashed, block-wise solid) over the references
     (MDLM cached black, block-wise MDLM grey, block-causal MDLM brown, the AR sampler a star)."""
     import matplotlib
 
@@ -109,7 +111,10 @@ def plot(rep: Replicates, path: Path, title: str, energies) -> None:
 
     references = {"mdlm": {"color": "k", "lw": 2.2}, "mdlm-block": {"color": "0.55", "lw": 1.4},
                   "bc-mdlm": {"color": "saddlebrown", "lw": 1.4}}
-    for measure, target in (("seconds", path), ("calls", path.with_name(path.stem + "_calls" + path.suffix))):
+    labels = {"cpu_seconds": "CPU seconds per sample (one thread)", "seconds": "seconds per sample (wall)",
+              "calls": "sequential model calls per sample"}
+    for measure, suffix in (("cpu_seconds", ""), ("calls", "_calls"), ("seconds", "_wall")):
+        target = path.with_name(path.stem + suffix + path.suffix)
         cols = 2
         rows = -(-len(energies) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.6 * rows), sharex=True, sharey=True, squeeze=False)
@@ -132,7 +137,7 @@ def plot(rep: Replicates, path: Path, title: str, energies) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
         for ax in axes[-1]:
-            ax.set_xlabel("seconds per sample (wall)" if measure == "seconds" else "sequential model calls per sample")
+            ax.set_xlabel(labels[measure])
         for ax in axes[:, 0]:
             ax.set_ylabel("exact Gen PPL (3 seeds pooled)")
         fig.suptitle(title, fontsize=9)

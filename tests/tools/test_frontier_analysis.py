@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from tools.frontier.analysis import build_replicates, reach, speedup
+from tools.frontier.analysis import build_replicates, merge_runs, reach, speedup
 
 
 def test_reach_interpolates_in_log_log_along_t():
@@ -37,3 +38,18 @@ def test_speedup_at_the_reference_best_quality():
     assert math.isclose(out["seconds"]["estimate"], 4.0) and math.isclose(out["calls"]["estimate"], 4.0)
     assert math.isclose(out["seconds"]["low"], 4.0) and math.isclose(out["seconds"]["high"], 4.0)
     assert out["seconds"]["reached"] == 1.0 and out["seconds"]["candidate_curve"] == "edlm"
+
+
+def _payload(seed: int, names=("mdlm T=4", "edlm T=1")) -> dict:
+    results = [{"method": {"name": name}, "seeds": [{"seed": seed, "nll": [float(seed)]}]} for name in names]
+    return {"title": f"L = 8, batch 2, seeds [{seed}], 1 samples per setting and seed, sweep 5 s", "length": 8,
+            "batch_size": 2, "energies": ["ar"], "results": results}
+
+
+def test_merge_runs_concatenates_seeds_setting_by_setting_and_refuses_mismatches():
+    merged = merge_runs([_payload(1), _payload(2), _payload(3)])
+    assert [[run["seed"] for run in entry["seeds"]] for entry in merged["results"]] == [[1, 2, 3], [1, 2, 3]]
+    assert "seeds [1, 2, 3]" in merged["title"] and merged["length"] == 8
+    for bad in ([_payload(1), _payload(1)], [_payload(1), _payload(2, names=("mdlm T=4",))]):
+        with pytest.raises(SystemExit, match="error:"):
+            merge_runs(bad)

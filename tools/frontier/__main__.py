@@ -117,7 +117,8 @@ def main() -> None:
     parser.add_argument("--block-causal", type=Path, nargs="*", default=[],
                         help="`edlm train` runs of block-causal DiTs (model.block_size < L) on the same data")
     parser.add_argument("--json", type=Path, help="write every per-seed number here")
-    parser.add_argument("--from-json", type=Path, help="tables, plot and summary from a saved --json")
+    parser.add_argument("--from-json", type=Path, nargs="+",
+                        help="tables, plot and summary from saved --json runs (several: one per seed, merged)")
     parser.add_argument("--plot", type=Path)
     parser.add_argument("--summary", type=Path, help="merge the headline numbers into this JSON file")
     parser.add_argument("--resamples", type=int, default=1000)
@@ -128,7 +129,9 @@ def main() -> None:
         _profile(args)
         return
     if args.from_json:
-        payload = json.loads(args.from_json.read_text())
+        from tools.frontier.analysis import merge_runs
+
+        payload = merge_runs([json.loads(path.read_text()) for path in args.from_json])
     elif args.runs:
         payload = _sweep(args)
     else:

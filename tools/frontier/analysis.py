@@ -17,6 +17,7 @@ disturbed than wall time on a machine other jobs share), ``calls`` (sequential m
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -119,3 +120,24 @@ def best_ppl(rep: Replicates, families: tuple) -> torch.Tensor:
     """(R + 1,) the lowest Gen PPL any setting of ``families`` reaches, per replicate."""
     index = [s for f in families for curve in rep.curves.get(f, {}).values() for s in curve]
     return rep.ppl[:, index].min(dim=1).values
+
+
+def merge_runs(payloads: list[dict]) -> dict:
+    """One run from several sweeps of the same grid on different seeds (e.g. one process per seed, so a shared
+    machine gives each its own share): the per-seed numbers are concatenated, setting by setting."""
+    first = payloads[0]
+    if len(payloads) == 1:
+        return first
+    for other in payloads[1:]:
+        same = all(other[key] == first[key] for key in ("length", "batch_size", "energies"))
+        if not same or [r["method"]["name"] for r in other["results"]] != [r["method"]["name"] for r in first["results"]]:
+            raise SystemExit("error: --from-json runs differ in length, batch size, energies or grid; merge only "
+                             "sweeps of the same command on different --seeds")
+    results = [{"method": entry["method"], "seeds": [run for p in payloads for run in p["results"][i]["seeds"]]}
+               for i, entry in enumerate(first["results"])]
+    seeds = [run["seed"] for run in results[0]["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"error: --from-json runs repeat a seed ({seeds}); each run must hold other seeds")
+    title = re.sub(r"seeds \[[^]]*\]", f"seeds {seeds}", first["title"])
+    title = re.sub(r", sweep \d+ s$", f", {len(payloads)} sweeps side by side, one per seed set", title)
+    return {**first, "title": title, "results": results}

@@ -44,8 +44,11 @@ EARLIER = "use an earlier checkpoint (point checkpoints/latest at it) or a fresh
 
 def model_signature(cfg: RunConfig, kind: str, vocab_size: int) -> dict[str, Any]:
     m = cfg.model
-    return {"kind": kind, "vocab_size": vocab_size, "seq_len": cfg.data.seq_len, "hidden_size": m.hidden_size,
-            "n_blocks": m.n_blocks, "n_heads": m.n_heads, "cond_dim": m.cond_dim, "mlp_ratio": m.mlp_ratio}
+    signature = {"kind": kind, "vocab_size": vocab_size, "seq_len": cfg.data.seq_len, "hidden_size": m.hidden_size,
+                 "n_blocks": m.n_blocks, "n_heads": m.n_heads, "cond_dim": m.cond_dim, "mlp_ratio": m.mlp_ratio}
+    if kind == "dit" and m.block_size not in (0, cfg.data.seq_len):  # MDLM signatures stay as they were
+        signature["block_size"] = m.block_size
+    return signature
 
 
 def rng_state() -> dict[str, Any]:

@@ -109,6 +109,12 @@ def validate_config(cfg: RunConfig) -> None:
            f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
     _check(d.synthetic.branching <= d.synthetic.num_tokens, f"data.synthetic.branching={d.synthetic.branching} exceeds "
            f"data.synthetic.num_tokens={d.synthetic.num_tokens}; allow at most that many next tokens")
+    _check(t.sampling_eps < t.sampling_eps_max,
+           f"need train.sampling_eps < train.sampling_eps_max (got {t.sampling_eps}, {t.sampling_eps_max})")
+    _check(m.block_size <= d.seq_len and (m.block_size == 0 or d.seq_len % m.block_size == 0),
+           f"model.block_size={m.block_size} must divide data.seq_len={d.seq_len} (0 = seq_len: MDLM)")
+    _check(m.block_size in (0, d.seq_len) or not m.time_conditioning,
+           "model.block_size < seq_len needs model.time_conditioning=false (every block has its own noise level)")
     _check(s.block_size <= d.seq_len, f"sample.block_size={s.block_size} exceeds the row length data.seq_len="
            f"{d.seq_len}; use 0 (one block) or a size <= {d.seq_len}")
     _check(s.sampler == "ar" or (s.top_k == 0 and s.top_p == 1.0),

@@ -42,6 +42,7 @@ class ModelConfig:
     mlp_ratio: int = number(4, 1, 64)
     dropout: float = number(0.0, 0.0, 1.0, hi_open=True)
     time_conditioning: bool = flag(False)  # MDLM default: off (spec §2.1)
+    block_size: int = number(0, 0, 2**20, why="0 means seq_len: MDLM")  # diffusion denoiser: b < seq_len = block-causal (BD3-LM; docs/block_diffusion.md)
     activation_checkpointing: bool = flag(False)
     use_apex: bool = flag(True)  # fused LayerNorm/Adam when NVIDIA apex imports; else torch
 
@@ -109,7 +110,8 @@ class TrainConfig:
     zero_stage: int = number(0, 0, 3)
     precision: str = choice("auto", "auto", "fp32", "bf16")  # auto: bf16 on GPU, fp32 on CPU
     antithetic: bool = flag(True)
-    sampling_eps: float = number(1e-3, 0.0, 1.0, lo_open=True, hi_open=True)
+    sampling_eps: float = number(1e-3, 0.0, 1.0, lo_open=True, hi_open=True)  # training t ~ U[sampling_eps, sampling_eps_max)
+    sampling_eps_max: float = number(1.0, 0.0, 1.0, lo_open=True)  # < 1: BD3-LM's clipped schedule (training only; validation is the NELBO)
     n_negatives: int = number(1, 1, 4096)  # NCE negatives per positive (Eq. 10)
     negatives_dtype: str = choice("float64", "float64", "float32", "bfloat16")  # categorical sampling precision for NCE negatives
     diffusion_ckpt: str = text("", PATH)  # nce: the trained diffusion model (frozen p_theta)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import ConfigError
+from edlm_dist.models.block_attention import block_causal_mask, needs_block_mask, two_stream_mask
 from edlm_dist.models.layers import (
     LayerNorm,
     Rotary,
@@ -73,8 +74,9 @@ class DDiTBlock(nn.Module):
         self.adaLN_modulation = replicated_linear(cond_dim, 6 * dim, zero=True) if cond_dim is not None else None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c: Optional[torch.Tensor],
-                kv=None) -> torch.Tensor:
-        """``kv``: a KV-cache layer handle (models/kv_cache.py) when ``x`` is a chunk after a cached prefix."""
+                attn_mask: Optional[torch.Tensor] = None, kv=None) -> torch.Tensor:
+        """``attn_mask``: (L, L) bool for the block-causal denoiser (models/block_attention.py); ``kv``: a
+        KV-cache layer handle (models/kv_cache.py) when ``x`` is a chunk after a cached prefix."""
         if self.adaLN_modulation is not None:
             shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
                 self.adaLN_modulation(c)[:, None].chunk(6, dim=2))
@@ -84,7 +86,7 @@ class DDiTBlock(nn.Module):
             h = self.norm1(x)
         batch, length = x.shape[:2]
         qkv = self.attn_qkv(h).view(batch, length, 3, self.local_heads, self.head_dim)
-        attn = self.attn_out(local_head_attention(qkv, cos, sin, causal=self.causal, kv=kv))
+        attn = self.attn_out(local_head_attention(qkv, cos, sin, causal=self.causal, attn_mask=attn_mask, kv=kv))
         x = x + gate_msa * F.dropout(attn, p=self.dropout, training=self.training)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp) if self.adaLN_modulation is not None else self.norm2(x)
         return x + gate_mlp * F.dropout(self.mlp(h), p=self.dropout, training=self.training)
@@ -143,10 +145,16 @@ class DiTTrunk(nn.Module):
             raise ConfigError(f"sigma must have shape ({batch},), got {tuple(sigma.shape)}")
         return F.silu(self.sigma_map(sigma))
 
-    def run_blocks(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.rotary.cos_sin(x.shape[1], x.device)
+    def run_blocks(self, x: torch.Tensor, c: torch.Tensor, *, attn_mask: Optional[torch.Tensor] = None,
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The DDiT blocks; ``positions`` (N,) are the rotary positions of x's N tokens (default 0..N-1)."""
+        if positions is None:
+            cos, sin = self.rotary.cos_sin(x.shape[1], x.device)
+        else:
+            cos, sin = self.rotary.cos_sin(int(positions.max()) + 1, x.device)
+            cos, sin = cos[positions], sin[positions]
         for block in self.blocks:
-            x = maybe_checkpoint(block, x, cos, sin, c, enabled=self.activation_checkpointing)
+            x = maybe_checkpoint(block, x, cos, sin, c, attn_mask, enabled=self.activation_checkpointing)
         return x
 
 
@@ -156,23 +164,70 @@ def check_tokens(tokens: torch.Tensor, name: str = "tokens") -> None:
 
 
 class DiT(DiTTrunk):
-    """MDLM denoiser: tokens (B, L) + sigma (B,) -> logits (B, L, V/tp) over this rank's vocab shard."""
+    """MDLM denoiser: tokens (B, L) + sigma (B,) -> logits (B, L, V/tp) over this rank's vocab shard.
+
+    ``model.block_size`` b < L makes it the block-causal denoiser of block diffusion (BD3-LM,
+    Arriola et al. 2025): attention is bidirectional inside a block of b positions and reaches every
+    earlier block, never a later one (masks in :mod:`edlm_dist.models.block_attention`, dense
+    boolean masks through SDPA). b = L (the default, ``block_size: 0``) is MDLM exactly: no mask,
+    the same kernels and numbers as before. The layers are the same Megatron TP layers either way.
+    """
 
     def __init__(self, model_cfg: ModelConfig, vocab_size: int, length: int, *, init: bool = True):
         super().__init__(model_cfg, vocab_size, init=init)
         self.vocab_size, self.length = vocab_size, length
+        self.block_size = resolve_block_size(model_cfg, length)
         self.output_layer = DDitFinalLayer(model_cfg.hidden_size, model_cfg.cond_dim, vocab_size=vocab_size,
                                            use_apex=model_cfg.use_apex, init=init)
+
+    @property
+    def is_block_causal(self) -> bool:
+        return needs_block_mask(self.length, self.block_size)
 
     def vocab_range(self) -> tuple[int, int]:
         """[start, end) of this rank's logits columns; columns >= vocab_size are TP padding (-1e6)."""
         return vocab_shard_range(self.vocab_size)
 
     def forward(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor] = None, *,
-                gather_logits: bool = False) -> torch.Tensor:
+                x0: Optional[torch.Tensor] = None, gather_logits: bool = False) -> torch.Tensor:
+        """Logits of every position of ``tokens``.
+
+        Block-causal model (b < L): without ``x0`` the row is one stream under the block-causal mask,
+        which gives block j its training-time logits whenever blocks < j hold clean tokens (what a
+        block-by-block sampler has). With ``x0`` (training) ``tokens`` is x_t and the forward runs on
+        [x_t ; x0] under the two-stream mask, so every block of x_t is denoised against the clean
+        preceding blocks in one pass (BD3-LM's vectorised objective); logits are returned for x_t
+        only. For b = L, ``x0`` is ignored.
+        """
         check_tokens(tokens)
-        x = self.vocab_embed(tokens)
-        c = self.condition(sigma, tokens.shape[0], tokens.device)
-        x = self.run_blocks(x, c)
+        batch, length = tokens.shape
+        c = self.condition(sigma, batch, tokens.device)
+        if not needs_block_mask(length, self.block_size):
+            x = self.run_blocks(self.vocab_embed(tokens), c)
+        elif x0 is None:
+            x = self.run_blocks(self.vocab_embed(tokens), c,
+                                attn_mask=block_causal_mask(length, self.block_size, tokens.device))
+        else:
+            check_tokens(x0, "x0")
+            if x0.shape != tokens.shape:
+                raise ValueError(f"x0 {tuple(x0.shape)} must have the shape of x_t {tuple(tokens.shape)}")
+            positions = torch.arange(length, device=tokens.device).repeat(2)  # x0 copy sits at x_t's positions
+            x = self.run_blocks(self.vocab_embed(torch.cat([tokens, x0], dim=1)), c,
+                                attn_mask=two_stream_mask(length, self.block_size, tokens.device),
+                                positions=positions)[:, :length]
         logits = fill_padded_logits(self.output_layer(x, c), self.vocab_size, NEG_INF)
         return gather_vocab_logits(logits, self.vocab_size) if gather_logits else logits
+
+
+def resolve_block_size(model_cfg: ModelConfig, length: int) -> int:
+    """``model.block_size`` with 0 meaning one block of the whole row (MDLM); checked against L."""
+    block = model_cfg.block_size or length
+    if not 1 <= block <= length:
+        raise ConfigError(f"model.block_size={model_cfg.block_size} must be in [1, seq_len={length}] "
+                          "(0 = seq_len: MDLM)")
+    if block < length and length % block:
+        raise ConfigError(f"model.block_size={block} must divide data.seq_len={length}")
+    if block < length and model_cfg.time_conditioning:
+        raise ConfigError("model.block_size < seq_len needs model.time_conditioning=false: every block has its own "
+                          "noise level, so one sigma per row does not exist (BD3-LM trains without it too)")
+    return block

@@ -117,13 +117,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def local_head_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, causal: bool,
-                         kv=None) -> torch.Tensor:
+                         attn_mask: torch.Tensor | None = None, kv=None) -> torch.Tensor:
     """SDPA over this rank's heads. ``qkv`` (B, L, 3, heads, d) -> (B, L, heads·d).
 
     Rotary on q and k only; scale 1/√d; no dropout; flash kernel on GPU under bf16 autocast.
     ``kv`` (a :class:`edlm_dist.models.kv_cache.LayerCache`): the L tokens are a chunk that attends to
     the cached prefix plus itself (``cos``/``sin`` are then the chunk's positions); ``causal`` is unused
     because the cache's in-chunk mask decides.
+    ``attn_mask`` (L, L) bool, True = may attend (the block-causal denoiser, models/block_attention.py):
+    SDPA then takes its masked kernel (no flash); ``causal`` is ignored with a mask.
     """
     batch, length = qkv.shape[:2]
     q, k, v = qkv.unbind(dim=2)
@@ -132,7 +134,7 @@ def local_head_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if kv is not None:
         out = kv.attend(q, k, v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal and attn_mask is None)
     return out.transpose(1, 2).reshape(batch, length, -1)
 
 

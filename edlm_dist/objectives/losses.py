@@ -48,23 +48,28 @@ def mdlm_loss(
     positions and exactly 0 at unmasked ones (carry-over). The batch loss divides the sum by ALL
     B*L positions, not by the number of masked tokens (checklist #1).
 
+    Block diffusion (BD3-LM) passes ``t`` per position: each block's own time repeated over the
+    block, and the sum over blocks of the per-block NELBOs comes out of the same formula
+    (docs/likelihood_bounds.md §5).
+
     Args:
         logits: (B, L, V_local) raw denoiser logits (a vocabulary shard starting at ``vocab_start``).
-        x0, x_t: (B, L) clean and corrupted tokens. t: (B,) times used to corrupt each row.
+        x0, x_t: (B, L) clean and corrupted tokens. t: (B,) times used to corrupt each row, or (B, L).
     """
     batch, length = x0.shape
-    if x_t.shape != x0.shape or logits.shape[:2] != x0.shape or t.shape != (batch,):
+    if x_t.shape != x0.shape or logits.shape[:2] != x0.shape or t.shape not in ((batch,), (batch, length)):
         raise ValueError(
             f"mdlm_loss shapes disagree: logits {tuple(logits.shape)}, x0 {tuple(x0.shape)}, "
-            f"x_t {tuple(x_t.shape)}, t {tuple(t.shape)}; expected (B, L, V), (B, L), (B, L), (B,)"
+            f"x_t {tuple(x_t.shape)}, t {tuple(t.shape)}; expected (B, L, V), (B, L), (B, L), (B,) or (B, L)"
         )
     ce_fn = cross_entropy if cross_entropy is not None else dense_cross_entropy
     logits = suppress_mask_logit(logits, mask_id, vocab_start)
     ce = ce_fn(logits.reshape(batch * length, logits.shape[-1]), x0.reshape(-1)).view(batch, length)
     masked = x_t == mask_id
     weight = schedule.loss_weight(t).to(ce.dtype)
+    weight = weight[:, None] if weight.dim() == 1 else weight
     # where (not a multiply) so a large CE at an unmasked position cannot leak in as 0 * inf.
-    token_loss = torch.where(masked, ce * weight[:, None], torch.zeros_like(ce))
+    token_loss = torch.where(masked, ce * weight, torch.zeros_like(ce))
     loss = token_loss.sum() / (batch * length)
     with torch.no_grad():
         stats = {

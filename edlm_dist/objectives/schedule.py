@@ -13,6 +13,10 @@ import torch
 from edlm_dist.errors import ConfigError
 
 
+NELBO_SAMPLING_EPS = 1e-3
+"""Lower end of t for the validation NELBO (MDLM's sampling_eps, spec §3): the number runs compare."""
+
+
 class LogLinearSchedule:
     """sigma(t) = -log(1 - (1 - eps) t) for t in [0, 1] (spec §3).
 
@@ -55,22 +59,27 @@ def sample_times(
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    sampling_eps_max: float = 1.0,
 ) -> torch.Tensor:
-    """Draw n training times t in [sampling_eps, 1) (MDLM ``_sample_t``, spec §3).
+    """Draw n training times t in [sampling_eps, sampling_eps_max) (MDLM ``_sample_t``, spec §3).
 
     With ``antithetic`` the unit interval is split into n strata and example i gets one
     uniform draw from stratum i (``u_i = (u_i / n + i / n) mod 1``), which lowers the variance
-    of the per-micro-batch loss. n is the LOCAL (per-device micro-batch) size, as in MDLM.
+    of the per-micro-batch loss. n is the LOCAL (per-device micro-batch) size, as in MDLM; the
+    block-diffusion objective draws one time per (row, block), n = rows x blocks (BD3-LM).
+    ``sampling_eps_max`` < 1 (with ``sampling_eps`` raised) is BD3-LM's clipped schedule
+    (docs/likelihood_bounds.md §5): a training-only choice, never the validation NELBO.
     """
     if n < 1:
         raise ConfigError(f"sample_times needs n >= 1 examples, got {n}")
-    if not 0.0 <= sampling_eps < 1.0:
-        raise ConfigError(f"sampling_eps must lie in [0, 1), got {sampling_eps}; MDLM uses 1e-3")
+    if not 0.0 <= sampling_eps < sampling_eps_max <= 1.0:
+        raise ConfigError(f"need 0 <= sampling_eps < sampling_eps_max <= 1, got {sampling_eps} and "
+                          f"{sampling_eps_max}; MDLM uses 1e-3 and 1")
     u = torch.rand(n, generator=generator, device=device, dtype=dtype)
     if antithetic:
         offsets = torch.arange(n, device=u.device, dtype=dtype) / n
         u = torch.remainder(u / n + offsets, 1.0)
-    return (1.0 - sampling_eps) * u + sampling_eps
+    return (sampling_eps_max - sampling_eps) * u + sampling_eps
 
 
 def mask_tokens(
@@ -80,11 +89,12 @@ def mask_tokens(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Forward corruption q(x_t | x_0) (MDLM ``q_xt``): mask each token of row b independently with
-    probability ``move_chance[b]`` (one time per row).
+    probability ``move_chance[b]`` (one time per row), or ``move_chance[b, i]`` (one time per block).
 
     Args:
         x0: (B, L) clean token ids.
-        move_chance: (B,) or (B, 1) mask probabilities, e.g. ``schedule.move_chance(t)``.
+        move_chance: (B,) or (B, 1) mask probabilities, e.g. ``schedule.move_chance(t)``, or (B, L)
+            per-position ones (block diffusion: each block's own time, repeated over the block).
     """
     if x0.dim() != 2:
         raise ConfigError(f"mask_tokens expects x0 of shape (B, L), got {tuple(x0.shape)}")
@@ -92,10 +102,9 @@ def mask_tokens(
     move_chance = move_chance.to(torch.promote_types(move_chance.dtype, torch.float32))
     if move_chance.dim() == 2 and move_chance.shape[1] == 1:
         move_chance = move_chance[:, 0]
-    if move_chance.shape != (x0.shape[0],):
-        raise ConfigError(
-            f"mask_tokens expects one move chance per row, shape ({x0.shape[0]},), got {tuple(move_chance.shape)}"
-        )
+    if move_chance.shape not in ((x0.shape[0],), tuple(x0.shape)):
+        raise ConfigError(f"mask_tokens expects one move chance per row ({x0.shape[0]},) or per position "
+                          f"{tuple(x0.shape)}, got {tuple(move_chance.shape)}")
     u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=move_chance.dtype)
-    masked = u < move_chance[:, None]
+    masked = u < (move_chance[:, None] if move_chance.dim() == 1 else move_chance)
     return torch.where(masked, torch.full_like(x0, mask_id), x0)

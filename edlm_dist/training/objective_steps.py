@@ -15,7 +15,7 @@ from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError
 from edlm_dist.models.build import build_model
 from edlm_dist.objectives.losses import ar_loss, mdlm_loss, nce_loss
-from edlm_dist.objectives.schedule import LogLinearSchedule, mask_tokens, sample_times
+from edlm_dist.objectives.schedule import NELBO_SAMPLING_EPS, LogLinearSchedule, mask_tokens, sample_times
 from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.parallel.cross_entropy import cross_entropy_for
 from edlm_dist.parallel.sharded_state import full_tensors
@@ -36,9 +36,11 @@ class Objective:
         self.schedule = LogLinearSchedule()
         self.cross_entropy = cross_entropy_for(tp_size)
 
-    def corrupt(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def corrupt(self, x0: torch.Tensor, generator: torch.Generator,
+                sampling_eps: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """t ~ antithetic U[eps, 1) and x_t ~ q(x_t | x0) (spec §3)."""
-        t = sample_times(x0.shape[0], antithetic=self.cfg.train.antithetic, sampling_eps=self.cfg.train.sampling_eps,
+        eps = self.cfg.train.sampling_eps if sampling_eps is None else sampling_eps
+        t = sample_times(x0.shape[0], antithetic=self.cfg.train.antithetic, sampling_eps=eps,
                          generator=generator, device=x0.device)
         x_t = mask_tokens(x0, self.schedule.move_chance(t), self.mask_id, generator=generator)
         return t, x_t
@@ -46,21 +48,52 @@ class Objective:
     def loss(self, model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator):
         raise NotImplementedError
 
+    def validation_loss(self, model: torch.nn.Module, x0: torch.Tensor, generator: torch.Generator):
+        """What validation reports; the training loss unless a training-only choice must be undone."""
+        return self.loss(model, x0, generator)
+
     def tokens_per_row(self, seq_len: int) -> int:
         return seq_len
 
 
 class MDLMObjective(Objective):
-    """Continuous-time MDLM NELBO with SUBS (spec §4.1-4.2)."""
+    """Continuous-time MDLM NELBO with SUBS (spec §4.1-4.2), or its block-diffusion form.
+
+    A block-causal denoiser (``model.block_size`` b < L) gets BD3-LM's objective: one time per
+    (row, block), antithetic over all of them; each block masked at its own rate; one forward on
+    [x_t ; x0] under the two-stream mask denoises every block against its clean prefix; the loss is
+    the sum of the per-block NELBOs over B*L tokens (docs/likelihood_bounds.md §5). Training times
+    come from [train.sampling_eps, train.sampling_eps_max) (BD3-LM's clipped schedule when < 1);
+    validation always reports the NELBO, t ~ U[NELBO_SAMPLING_EPS, 1).
+    """
 
     model_kind = "dit"
 
-    def loss(self, model, x0, generator):
-        t, x_t = self.corrupt(x0, generator)
-        logits = model(x_t, self.schedule.total_noise(t))
+    def loss(self, model, x0, generator, *, time_range: tuple[float, float] | None = None):
+        block = getattr(model, "block_size", x0.shape[1])
+        low, high = time_range or (self.cfg.train.sampling_eps, self.cfg.train.sampling_eps_max)
         start, _ = model.vocab_range() if hasattr(model, "vocab_range") else (0, None)
+        if block >= x0.shape[1] and high == 1.0:  # MDLM, bit for bit the original path
+            t, x_t = self.corrupt(x0, generator, sampling_eps=low)
+            logits = model(x_t, self.schedule.total_noise(t))
+        else:
+            t, x_t = self.corrupt_blocks(x0, block, generator, low, high)
+            logits = model(x_t, None, x0=x0) if block < x0.shape[1] else model(x_t, self.schedule.total_noise(t[:, 0]))
         return mdlm_loss(logits, x0, x_t, t, self.mask_id, schedule=self.schedule,
                          cross_entropy=self.cross_entropy, vocab_start=start)
+
+    def corrupt_blocks(self, x0: torch.Tensor, block: int, generator: torch.Generator, low: float,
+                       high: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """t (B, L): one time per (row, block) repeated over the block; x_t masks each block at its rate."""
+        batch, length = x0.shape
+        blocks = -(-length // block)
+        t = sample_times(batch * blocks, antithetic=self.cfg.train.antithetic, sampling_eps=low,
+                         sampling_eps_max=high, generator=generator, device=x0.device)
+        t = t.view(batch, blocks).repeat_interleave(block, dim=1)[:, :length]
+        return t, mask_tokens(x0, self.schedule.move_chance(t), self.mask_id, generator=generator)
+
+    def validation_loss(self, model, x0, generator):
+        return self.loss(model, x0, generator, time_range=(NELBO_SAMPLING_EPS, 1.0))
 
 
 class ARObjective(Objective):

@@ -337,7 +337,7 @@ class Trainer:
             with self.ema.swap_in(lambda: gathered_parameters(self.engine.module, modifier_rank=0)):
                 for batch in loader:
                     with _autocast(self.precision, self.ctx.device):
-                        loss, _ = self.objective.loss(self.engine.module, batch.to(self.ctx.device), generator)
+                        loss, _ = self.objective.validation_loss(self.engine.module, batch.to(self.ctx.device), generator)
                     total += torch.tensor([loss.item() * batch.shape[0], batch.shape[0]], dtype=torch.float64)
         finally:
             self.engine.train()

@@ -28,10 +28,10 @@ def randomise_weights(model: torch.nn.Module, seed: int) -> None:
     load_full_state_dict(model, state)
 
 
-def randomised(kind: str, cfg: ModelConfig, seed: int = 0):
+def randomised(kind: str, cfg: ModelConfig, seed: int = 0, *, vocab: int = V, length: int = L):
     """A model whose zero-initialised layers (adaLN, output) hold random values too."""
     torch.manual_seed(seed)
-    model = build_model(kind, cfg, V, L)
+    model = build_model(kind, cfg, vocab, length)
     randomise_weights(model, seed + 1)
     return model
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from edlm_dist.config.schema import ModelConfig
 from edlm_dist.errors import ConfigError
 from edlm_dist.models.block_attention import block_causal_mask, needs_block_mask, two_stream_mask
+from edlm_dist.models.kv_cache import KVCache, run_blocks_cached
 from edlm_dist.models.layers import (
     LayerNorm,
     Rotary,
@@ -188,8 +189,13 @@ class DiT(DiTTrunk):
         """[start, end) of this rank's logits columns; columns >= vocab_size are TP padding (-1e6)."""
         return vocab_shard_range(self.vocab_size)
 
+    def new_cache(self, capacity: Optional[int] = None) -> KVCache:
+        """An empty prefix cache for block-by-block denoising of up to ``capacity`` (default L) positions."""
+        return KVCache(capacity or self.length)
+
     def forward(self, tokens: torch.Tensor, sigma: Optional[torch.Tensor] = None, *,
-                x0: Optional[torch.Tensor] = None, gather_logits: bool = False) -> torch.Tensor:
+                x0: Optional[torch.Tensor] = None, gather_logits: bool = False, cache: Optional[KVCache] = None,
+                append: bool | int = True) -> torch.Tensor:
         """Logits of every position of ``tokens``.
 
         Block-causal model (b < L): without ``x0`` the row is one stream under the block-causal mask,
@@ -198,11 +204,25 @@ class DiT(DiTTrunk):
         [x_t ; x0] under the two-stream mask, so every block of x_t is denoised against the clean
         preceding blocks in one pass (BD3-LM's vectorised objective); logits are returned for x_t
         only. For b = L, ``x0`` is ignored.
+
+        With ``cache`` (sampling; docs/block_diffusion.md) ``tokens`` (N, c) sit at positions
+        ``cache.length ..`` and see the cached clean prefix plus themselves, block-causally; the prefix
+        must end on a block boundary. ``append`` keeps the chunk in the cache (True), leaves the cache
+        unchanged (False: a denoising step of the current block), or keeps its first n positions (an
+        int: a committed block fused with the next block's first step). Logits equal those of the
+        one-stream forward over the whole row to fp32 tolerance.
         """
         check_tokens(tokens)
         batch, length = tokens.shape
         c = self.condition(sigma, batch, tokens.device)
-        if not needs_block_mask(length, self.block_size):
+        if cache is not None:
+            if cache.length % self.block_size:
+                raise ConfigError(f"the cached prefix holds {cache.length} positions, not a whole number of "
+                                  f"blocks of {self.block_size}; commit whole blocks only")
+            within = self.block_size if self.is_block_causal else "full"
+            x = run_blocks_cached(self.blocks, self.vocab_embed(tokens), self.rotary, cache, cond=c, within=within,
+                                  append=append)
+        elif not needs_block_mask(length, self.block_size):
             x = self.run_blocks(self.vocab_embed(tokens), c)
         elif x0 is None:
             x = self.run_blocks(self.vocab_embed(tokens), c,

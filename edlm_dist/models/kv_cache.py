@@ -6,8 +6,10 @@ a new *chunk* of ``c`` tokens at positions ``length .. length + c - 1`` attends 
 
 * every cached position, and
 * the chunk itself, with a mask chosen per call: ``"causal"`` (AR decoding, spec §5.7: token i of the
-  chunk sees chunk tokens <= i) or ``"full"`` (a block-causal denoiser: the block attends
-  bidirectionally within itself and causally to the prefix, as in BD3-LM).
+  chunk sees chunk tokens <= i), ``"full"`` (a block-causal denoiser: the block attends
+  bidirectionally within itself and causally to the prefix, as in BD3-LM), or an integer b: block-causal
+  in blocks of b *absolute* positions (a chunk of several denoiser blocks, e.g. a prompt's whole blocks,
+  or a just-committed block fused with the next block's first denoising step; models/block_attention.py).
 
 Cached decoding computes the same function as one forward over the whole row with the matching mask
 (tested to float32 tolerance at TP=1 and TP=2, ``tests/models/test_kv_cache.py``).
@@ -32,7 +34,7 @@ Usage (``ARTransformer.forward(tokens, cache=...)``)::
     block_logits = ar(blocks.view(B * k, b), cache=child, append=False)  # score, keep nothing
 
 ``append=False`` scores a chunk without keeping it (the chunk's keys go to scratch space that the next
-call overwrites). Tensor parallelism needs nothing special: each TP rank caches its own heads (the
+call overwrites); ``append=n`` (an int) keeps only the chunk's first n positions. Tensor parallelism needs nothing special: each TP rank caches its own heads (the
 attention runs on local heads between the column- and row-parallel projections).
 """
 
@@ -146,14 +148,14 @@ class KVCache:
 
         The chunk's k/v are written at this cache's next free slots (kept only if :meth:`advance` follows).
         """
-        if within not in WITHIN_CHUNK:
-            raise ConfigError(f"within='{within}' is unknown; use one of {list(WITHIN_CHUNK)}")
+        if within not in WITHIN_CHUNK and not (isinstance(within, int) and within >= 1):
+            raise ConfigError(f"within='{within}' is unknown; use one of {list(WITHIN_CHUNK)} or a block size >= 1")
         chunk, mine = q.shape[2], self.own_length
         keys, values = self._buffers(layer, k)
         keys[:, :, mine : mine + chunk] = k
         values[:, :, mine : mine + chunk] = v
         own_k, own_v = keys[:, :, : mine + chunk], values[:, :, : mine + chunk]
-        visible = _chunk_mask(mine, chunk, within, q.device)  # (c, mine + c) or None: all visible
+        visible = _chunk_mask(mine, chunk, within, q.device, first=self.start)  # (c, mine + c) or None: all visible
         if self.parent is None or self.start == 0:
             return F.scaled_dot_product_attention(q, own_k, own_v, attn_mask=visible)
         return self._attend_shared(layer, q, own_k, own_v, visible)
@@ -200,8 +202,18 @@ class LayerCache:
         return self.cache.attend(self.index, q, k, v, self.within)
 
 
-def _chunk_mask(cached: int, chunk: int, within: str, device) -> Optional[torch.Tensor]:
-    """(c, cached + c) bool, True = may attend; None when everything is visible (a 1-token or full chunk)."""
+def _chunk_mask(cached: int, chunk: int, within, device, first: int = 0) -> Optional[torch.Tensor]:
+    """(c, cached + c) bool, True = may attend; None when everything is visible (a 1-token or full chunk).
+
+    ``first`` is the absolute position of this cache's own slot 0 (a child starts after its prefix):
+    integer ``within`` blocks are counted on absolute positions.
+    """
+    if isinstance(within, int) and not isinstance(within, bool):
+        keys = torch.div(torch.arange(first, first + cached + chunk, device=device), within, rounding_mode="floor")
+        queries = keys[cached:]
+        if queries[-1] == keys[0]:  # the chunk and the cached keys share one block: all visible
+            return None
+        return keys[None, :] <= queries[:, None]
     if within == "full" or chunk == 1:
         return None
     mask = torch.ones((chunk, cached + chunk), dtype=torch.bool, device=device)
@@ -210,11 +222,13 @@ def _chunk_mask(cached: int, chunk: int, within: str, device) -> Optional[torch.
 
 
 def run_blocks_cached(blocks, x: torch.Tensor, rotary, cache: KVCache, *, cond: Optional[torch.Tensor] = None,
-                      within: str, append: bool = True) -> torch.Tensor:
+                      within, append: bool | int = True) -> torch.Tensor:
     """Run transformer ``blocks`` on a chunk ``x`` (N, c, H) at positions ``cache.length ..`` with ``cache``.
 
     The rotary angles are those of the chunk's absolute positions. With ``append`` the chunk joins the
-    cache (the next call continues after it); otherwise the cache is left as it was.
+    cache (the next call continues after it); ``False`` leaves the cache as it was; an int n keeps the
+    chunk's first n positions (their keys were computed without seeing the rest when ``within`` masks
+    the rest from them, as a block-causal mask does for a committed block before the next one).
     """
     chunk = x.shape[1]
     cache.check_room(chunk)
@@ -223,6 +237,9 @@ def run_blocks_cached(blocks, x: torch.Tensor, rotary, cache: KVCache, *, cond: 
     cos, sin = cos[start : start + chunk], sin[start : start + chunk]
     for index, block in enumerate(blocks):
         x = block(x, cos, sin, cond, kv=cache.layer(index, within))
-    if append:
-        cache.advance(chunk)
+    keep = chunk if append is True else 0 if append is False else int(append)
+    if not 0 <= keep <= chunk:
+        raise ConfigError(f"append={append} must be a bool or 0..{chunk} positions of the chunk")
+    if keep:
+        cache.advance(keep)
     return x

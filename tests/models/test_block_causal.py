@@ -18,7 +18,7 @@ from edlm_dist.errors import ConfigError
 from edlm_dist.models.block_attention import block_causal_mask, chunk_mask, two_stream_mask
 from edlm_dist.models.build import build_model
 from edlm_dist.models.layers import full_state_dict, load_full_state_dict
-from tests.models.model_helpers import randomised, tiny
+from model_helpers import randomised, tiny  # noqa: E402
 
 V, L, B = 11, 8, 3
 ATOL = 1e-5  # fp32 logits of O(1) through 2 small blocks: different kernels/shapes, same math

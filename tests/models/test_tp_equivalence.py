@@ -40,6 +40,8 @@ CASES = {
     # activation checkpointing + dropout at TP=2 against the plain dense run: the recompute must
     # replay the same dropout masks, and TP ranks must draw the masks the dense model draws.
     "dit_ckpt_dropout": ("dit", TINY + ["model.dropout=0.1", "model.activation_checkpointing=true"]),
+    # block-causal denoiser (BD3-LM), its two-stream training forward on [x_t ; x0]
+    "dit_block": ("dit", TINY + ["model.block_size=2"]),
 }
 
 
@@ -74,7 +76,10 @@ def _loss(kind: str, model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     if kind == "energy":
         energy = model(batch["tokens"], batch["x0"], batch["sigma"])
         return (energy * batch["coeff"]).sum(), energy
-    logits = model(batch["tokens"], batch["sigma"]) if kind == "dit" else model(batch["tokens"])
+    if kind == "dit" and model.is_block_causal:
+        logits = model(batch["tokens"], None, x0=batch["x0"])
+    else:
+        logits = model(batch["tokens"], batch["sigma"]) if kind == "dit" else model(batch["tokens"])
     full = gather_vocab_logits(logits, V)
     if tp_group() is not None:
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy

@@ -153,6 +153,10 @@ def mdlm_nelbo_row(
     masked: (B, L) bool, True where x_t^i is the mask token. t, loss_weight, seq_len as in
     `edlm_row_nelbo`. Its expectation over t ~ U[ε_s, 1) and the masks is the quantity the
     released code reports as validation NLL; docs/likelihood_bounds.md says what it bounds.
+
+    Block diffusion (docs/likelihood_bounds.md §5) passes ``t`` of shape (B, L), each block's own time
+    repeated over the block (``loss_weight`` must then be None: the 1/t of every position): the row
+    term is then the sum over blocks of the blocks' MDLM terms, Σ_i masked −log μθ / t_i / L.
     """
     log_mu = torch.as_tensor(log_mu_tokens).to(torch.float64)
     if log_mu.dim() != 2 or masked.shape != log_mu.shape:
@@ -160,9 +164,15 @@ def mdlm_nelbo_row(
             f"log_mu_tokens and masked must both be (B, L), got {tuple(log_mu.shape)} and {tuple(masked.shape)}"
         )
     # where(), not multiplication: a −inf log-prob at an unmasked position must not give NaN.
-    per_row = torch.where(masked.bool(), -log_mu, torch.zeros_like(log_mu)).sum(dim=-1)
+    nll = torch.where(masked.bool(), -log_mu, torch.zeros_like(log_mu))
+    if torch.as_tensor(t).dim() == 2 and loss_weight is None:
+        t = torch.as_tensor(t).to(torch.float64)
+        if t.shape != log_mu.shape or (t <= 0).any() or (t > 1).any():
+            raise SamplingError(f"per-position times must be (B, L) = {tuple(log_mu.shape)} in (0, 1], "
+                                f"got {tuple(t.shape)}")
+        return (nll / t).sum(dim=-1) / _check_seq_len(seq_len)
     weight = _row_weight(t, loss_weight, log_mu.shape[0])
-    return weight * per_row / _check_seq_len(seq_len)
+    return weight * nll.sum(dim=-1) / _check_seq_len(seq_len)
 
 
 def _row_weight(t: Tensor, loss_weight: Tensor | None, batch: int) -> Tensor:

@@ -3,7 +3,11 @@
 Per validation row (docs/likelihood_bounds.md says what each number estimates or bounds):
 
 * ``ar``         exact NLL Σ_{i≥1} −log p_AR(x^i | x^{<i}) over the L−1 predicted tokens (spec §4.3).
-* ``mdlm``       one (t, mask) Monte-Carlo term of the NELBO, divided by all L tokens (spec §4.2).
+* ``mdlm``       one (t, mask) Monte-Carlo term of the NELBO, divided by all L tokens (spec §4.2). For a
+                 block-causal denoiser (model.block_size b < L) the block-diffusion NELBO: one time per
+                 (row, block), each block denoised against the clean blocks before it (BD3-LM;
+                 docs/likelihood_bounds.md §5). The EDLM terms below need one time per row and are not
+                 computed for such a denoiser.
 * ``edlm_coar``  Eq. 13 with the carry-over AR energy and log Z = 0 (the reference's path). For a fixed
                  (t, mask) the diffusion terms cancel exactly:
                      row = (1/t) [ Σ_{i≥1, x_t^i=m} −log p_AR(x_0^i|x_0^{<i}) − 1(x_t^0=m)·log μθ(x_0^0|x_t) ],
@@ -73,10 +77,16 @@ class LikelihoodModels:
     ar: Optional[torch.nn.Module] = None  # ARTransformer: AR, EDLM-coAR, EDLM-AR
     energy: Optional[torch.nn.Module] = None  # EnergyModel: EDLM-NCE
 
+    def block_size(self) -> int:
+        """The diffusion model's block size (L for MDLM, or when there is no diffusion model)."""
+        return int(getattr(self.diffusion, "block_size", self.seq_len) or self.seq_len)
+
     def methods(self) -> list[str]:
         out = ["ar"] if self.ar is not None else []
         if self.diffusion is not None:
             out.append("mdlm")
+            if self.block_size() < self.seq_len:  # EDLM's Eq. 13 is written for one time per row
+                return out
             if self.ar is not None:
                 out += ["edlm_coar", "edlm_ar"]
             if self.energy is not None:
@@ -91,7 +101,7 @@ class LikelihoodModels:
 
 
 class RowNoise(NamedTuple):
-    t: Tensor  # (B,) float64
+    t: Tensor  # (B,) float64, or (B, L) with one time per block (block diffusion)
     x_t: Tensor  # (B, L)
     generators: list  # one per row, positioned after t and the mask draws
 
@@ -102,15 +112,23 @@ def row_generator(seed: int, row: int, device: torch.device | str = "cpu") -> to
     return torch.Generator(device=device).manual_seed((int(hi) << 31) ^ int(lo))
 
 
-def draw_row_noise(x0: Tensor, row_ids: Tensor, settings: LikelihoodSettings, mask_id: int) -> RowNoise:
-    """t (stratified by global row index) and x_t ~ q(x_t|x_0) with mask probability (1−ε)t (spec §3)."""
+def draw_row_noise(x0: Tensor, row_ids: Tensor, settings: LikelihoodSettings, mask_id: int,
+                   block_size: Optional[int] = None) -> RowNoise:
+    """t (stratified by global row index) and x_t ~ q(x_t|x_0) with mask probability (1−ε)t (spec §3).
+
+    ``block_size`` b < L: one time per (row, block), stratified by the global (row, block) index, repeated
+    over the block (t of shape (B, L)); b = L draws exactly the numbers of the one-time-per-row case.
+    """
     schedule = LogLinearSchedule(settings.schedule_eps)
+    length = x0.shape[1]
+    blocks = 1 if block_size is None or block_size >= length else -(-length // block_size)
     gens = [row_generator(settings.seed, r, x0.device) for r in row_ids.tolist()]
-    u = torch.stack([torch.rand((), generator=g, dtype=F64, device=x0.device) for g in gens])
-    stratum = (row_ids.to(x0.device) % settings.strata).to(F64)
-    t = (1.0 - settings.sampling_eps) * (u + stratum) / settings.strata + settings.sampling_eps
-    uniforms = torch.stack([torch.rand(x0.shape[1], generator=g, dtype=F64, device=x0.device) for g in gens])
-    masked = uniforms < schedule.move_chance(t)[:, None]
+    u = torch.stack([torch.rand(blocks, generator=g, dtype=F64, device=x0.device) for g in gens])
+    index = row_ids.to(x0.device)[:, None] * blocks + torch.arange(blocks, device=x0.device)
+    t = (1.0 - settings.sampling_eps) * (u + (index % settings.strata).to(F64)) / settings.strata + settings.sampling_eps
+    t = t[:, 0] if blocks == 1 else t.repeat_interleave(block_size, dim=1)[:, :length]
+    uniforms = torch.stack([torch.rand(length, generator=g, dtype=F64, device=x0.device) for g in gens])
+    masked = uniforms < schedule.move_chance(t if t.dim() == 2 else t[:, None])
     return RowNoise(t, torch.where(masked, torch.full_like(x0, mask_id), x0), gens)
 
 
@@ -120,8 +138,15 @@ def _chunked(fn: Callable[..., Tensor], chunk: int, *tensors: Tensor) -> Tensor:
 
 
 def diffusion_log_mu(diffusion: torch.nn.Module, x_t: Tensor, t: Tensor, vocab_size: int, mask_id: int,
-                     schedule_eps: float = 1e-3) -> Tensor:
-    """log μθ(·|x_t) with SUBS (spec §4.1), (B, L, V) float32; sigma(t) is passed for time-conditioned models."""
+                     schedule_eps: float = 1e-3, x0: Optional[Tensor] = None) -> Tensor:
+    """log μθ(·|x_t) with SUBS (spec §4.1), (B, L, V) float32; sigma(t) is passed for time-conditioned models.
+
+    With per-block times (t of shape (B, L)) the denoiser is block-causal and gets the clean rows ``x0``:
+    every block is denoised against the clean blocks before it, in one two-stream forward.
+    """
+    if t.dim() == 2:
+        logits = diffusion(x_t, None, x0=x0, gather_logits=True)[..., :vocab_size]
+        return subs_log_probs(logits, x_t, mask_id)
     sigma = LogLinearSchedule(schedule_eps).total_noise(t).float()
     logits = diffusion(x_t, sigma, gather_logits=True)[..., :vocab_size]
     return subs_log_probs(logits, x_t, mask_id)
@@ -189,7 +214,8 @@ def likelihood_batch_terms(models: LikelihoodModels, x0: Tensor, row_ids: Tensor
                            settings: LikelihoodSettings) -> dict[str, tuple[Tensor, float]]:
     """Per-row float64 terms ``key -> (values (B,), weight per row)`` of every available method, with
     the noise of the global rows ``row_ids`` (see :func:`likelihood_terms`)."""
-    return likelihood_terms(models, x0, draw_row_noise(x0, row_ids, settings, models.mask_id), settings)
+    noise = draw_row_noise(x0, row_ids, settings, models.mask_id, models.block_size())
+    return likelihood_terms(models, x0, noise, settings)
 
 
 @torch.no_grad()
@@ -210,10 +236,12 @@ def likelihood_terms(models: LikelihoodModels, x0: Tensor, noise: RowNoise,
         return out
     t, x_t = noise.t, noise.x_t
     masked = x_t == mask_id
-    log_mu = diffusion_log_mu(models.diffusion, x_t, t, models.vocab_size, mask_id, settings.schedule_eps)
+    log_mu = diffusion_log_mu(models.diffusion, x_t, t, models.vocab_size, mask_id, settings.schedule_eps, x0=x0)
     log_mu_x0 = gather_token_log_probs(log_mu, x0).to(F64)  # 0 at carried-over positions
     log_p_theta = torch.where(masked, log_mu_x0, torch.zeros_like(log_mu_x0)).sum(-1)
     out["mdlm"] = (mdlm_nelbo_row(log_mu_x0, masked, t, None, length) * length, float(length))
+    if t.dim() == 2:  # block diffusion: no EDLM terms (methods())
+        return out
 
     def eq13(energy_pos: Tensor, log_z: Tensor) -> Tensor:
         return edlm_row_nelbo(log_p_theta, energy_pos, log_z, t, None, length) * length
@@ -280,13 +308,18 @@ def _nll_entry(sums: Sums, key: str, estimate: str) -> dict:
 
 
 def summarize_likelihood(sums: Sums, methods: list[str], settings: LikelihoodSettings, rows: int,
-                         seq_len: int) -> dict:
+                         seq_len: int, block_size: Optional[int] = None) -> dict:
     """Per-token NLL (nats), PPL and bits per token (BPC for characters) of every method (spec §4.4)."""
     n = settings.n_negatives
+    block_size = block_size or seq_len
     out: dict = {}
     if "ar" in methods:
         out["ar"] = _nll_entry(sums, "ar", "exact NLL over the L−1 predicted tokens")
-    if "mdlm" in methods:
+    if "mdlm" in methods and block_size < seq_len:
+        out["mdlm"] = _nll_entry(sums, "mdlm", f"block-diffusion NELBO, b={block_size}, one (t, mask) per block "
+                                               "(upper bound up to O(ε), docs/likelihood_bounds.md §5)")
+        out["mdlm"]["block_size"] = block_size
+    elif "mdlm" in methods:
         out["mdlm"] = _nll_entry(sums, "mdlm", "NELBO, one (t, mask) per row (upper bound up to O(ε), spec §4.2)")
     if "edlm_coar" in methods:
         out["edlm_coar"] = _nll_entry(sums, "edlm_coar", "Eq. 13, carry-over AR energy, log Z = 0 (= AR likelihood)")

@@ -162,7 +162,7 @@ def evaluate_likelihood(models: LikelihoodModels, data_dir, *, settings: Likelih
         sums.values.setdefault(key, [0.0, 0.0])
     sums.load_flat(all_reduce_float64(sums.flat(), dp_group, device))
     total_rows = int(all_reduce_float64([float(rows_seen)], dp_group, device)[0])
-    return summarize_likelihood(sums, methods, settings, total_rows, models.seq_len)
+    return summarize_likelihood(sums, methods, settings, total_rows, models.seq_len, models.block_size())
 
 
 def likelihood_settings(cfg: RunConfig) -> LikelihoodSettings:

@@ -85,10 +85,18 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, length: int, kind: 
     N_token excludes the embedding lookup and the per-sequence parameters (sigma-MLP, adaLN,
     energy head). The attention term counts QKᵀ and AV for the full L×L matrix; causal attention
     is not halved (the usual MFU convention).
+
+    A block-causal DiT (``model.block_size`` < L) trains on [x_t ; x0]: every data token is two
+    tokens through the blocks, attending over 2L keys (the dense masked SDPA computes them all), while
+    the output projection runs on x_t only.
     """
     split = parameter_split(model_cfg, vocab_size, kind)
     n_token = split["sharded"] + split["replicated"] - split["embedding"]
-    return 6.0 * n_token + 12.0 * model_cfg.n_blocks * model_cfg.hidden_size * length
+    streams = 2 if kind == "dit" and model_cfg.block_size not in (0, length) else 1
+    h = model_cfg.hidden_size
+    output = h * vocab_size + vocab_size + h if kind in ("dit", "ar") else 0  # final LN + projection: x_t only
+    trunk = n_token - output
+    return 6.0 * (streams * trunk + output) + 12.0 * model_cfg.n_blocks * model_cfg.hidden_size * length * streams**2
 
 
 def _resolve_precision(precision: str) -> str:
@@ -109,6 +117,7 @@ def estimate_memory(model_cfg: ModelConfig, vocab_size: int, length: int, micro_
     al. (2022) without sequence parallelism and with flash attention (no L×L scores):
     L·B·H·(10 + 24/tp) bytes at 16 bits (doubled in fp32); with activation checkpointing only the
     block inputs are kept plus one block's working set. Logits: fp32 (B, L, V/tp) and their grad.
+    A block-causal DiT runs its blocks on 2L tokens per row ([x_t ; x0]); its logits are still L per row.
     """
     if zero_stage not in (0, 1, 2, 3) or dp < 1 or tp < 1:
         raise ConfigError(f"zero_stage={zero_stage}, dp={dp}, tp={tp}: need stage 0..3 and dp, tp >= 1")
@@ -128,9 +137,10 @@ def estimate_memory(model_cfg: ModelConfig, vocab_size: int, length: int, micro_
     if zero_stage >= 3:
         params //= dp
     tokens = micro_batch * length
-    block = tokens * h * (10 + 24 / tp) * (weight_bytes / 2)
+    streams = 2 if kind == "dit" and model_cfg.block_size not in (0, length) else 1  # block-causal: [x_t ; x0]
+    block = streams * tokens * h * (10 + 24 / tp) * (weight_bytes / 2)
     if model_cfg.activation_checkpointing:
-        activations = model_cfg.n_blocks * tokens * h * weight_bytes + block
+        activations = model_cfg.n_blocks * streams * tokens * h * weight_bytes + block
     else:
         activations = model_cfg.n_blocks * block
     if kind == "energy":

@@ -73,6 +73,10 @@ class ModelDenoiser:
 
     def __init__(self, model: torch.nn.Module, mask_id: int, vocab_size: int,
                  schedule: Optional[LogLinearSchedule] = None):
+        if getattr(model, "is_block_causal", False):
+            raise SamplingError(f"the diffusion model is block-causal (model.block_size={model.block_size} < "
+                                f"L={model.length}); a whole-row sampler would feed it noisy blocks as context, "
+                                "which it was never trained on; sample it block by block (docs/block_diffusion.md)")
         self.model, self.mask_id, self.vocab_size = model.eval(), int(mask_id), int(vocab_size)
         self.schedule = schedule or LogLinearSchedule()
         self.time_conditioning = bool(getattr(model, "time_conditioning", False))

@@ -64,6 +64,17 @@ def test_flops_per_token_of_small_dit():
     assert flops_per_token(preset("small"), OWT_V, 1024, "dit") == expected
 
 
+def test_flops_per_token_of_block_causal_small_dit():
+    # Training runs the blocks on [x_t ; x0] (2 tokens per data token, 2L keys each), the output on x_t only.
+    blocks, output = 12 * (7_677_696 - 594_432), 38_648_402 + 768
+    expected = 6 * (2 * blocks + output) + 12 * 12 * 768 * 1024 * 4
+    cfg = preset("small")
+    cfg.block_size = 16
+    assert flops_per_token(cfg, OWT_V, 1024, "dit") == expected
+    cfg.block_size = 1024  # one block: MDLM
+    assert flops_per_token(cfg, OWT_V, 1024, "dit") == flops_per_token(preset("small"), OWT_V, 1024, "dit")
+
+
 def test_flops_attention_term_grows_linearly_with_length():
     cfg = preset("small")
     delta = flops_per_token(cfg, OWT_V, 2048, "ar") - flops_per_token(cfg, OWT_V, 1024, "ar")

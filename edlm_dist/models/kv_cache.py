@@ -34,8 +34,9 @@ Usage (``ARTransformer.forward(tokens, cache=...)``)::
     block_logits = ar(blocks.view(B * k, b), cache=child, append=False)  # score, keep nothing
 
 ``append=False`` scores a chunk without keeping it (the chunk's keys go to scratch space that the next
-call overwrites); ``append=n`` (an int) keeps only the chunk's first n positions. Tensor parallelism needs nothing special: each TP rank caches its own heads (the
-attention runs on local heads between the column- and row-parallel projections).
+call overwrites); ``append=n`` (an int) keeps only the chunk's first n positions. Tensor parallelism
+needs nothing special: each TP rank caches its own heads (the attention runs on local heads between the
+column- and row-parallel projections).
 """
 
 from __future__ import annotations

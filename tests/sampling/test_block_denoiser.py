@@ -1,0 +1,67 @@
+"""BlockCausalDenoiser's prefix session ≡ the uncached block-causal forward of the whole row.
+
+Reference: SUBS log-probs of the one-stream forward (models/dit.py) of [committed prefix, noisy block, masks],
+read at the block's columns — what a whole-row view of the sampler computes. The session is driven like the
+block-wise sampler drives it (sampling/blocks.py): one ``block()`` per sampler block, then several denoising
+calls on changing row subsets; sampler blocks equal to the model's blocks and half their size.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edlm_dist.errors import SamplingError
+from edlm_dist.objectives.subs import subs_log_probs
+from edlm_dist.sampling.block_denoiser import BlockCausalDenoiser
+from tests.models.model_helpers import randomised, tiny
+
+V, L, MODEL_BLOCK, B = 11, 12, 4, 3
+MASK = V - 1
+TOL = torch.finfo(torch.float32).eps * 4 * 32 * 2 * 10  # fp32 over the MLP width and 2 layers, log-prob scale
+
+
+def _reference(model, x: torch.Tensor, lo: int, x_block: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    row = torch.full((len(rows), L), MASK)
+    row[:, :lo] = x[rows, :lo]
+    row[:, lo:lo + x_block.shape[1]] = x_block
+    logits = model(row, gather_logits=True)[:, lo:lo + x_block.shape[1], :V]
+    return subs_log_probs(logits, x_block, MASK)
+
+
+@pytest.mark.parametrize("sampler_block", [MODEL_BLOCK, MODEL_BLOCK // 2])
+@torch.no_grad()
+def test_session_views_equal_the_whole_row_forward(sampler_block):
+    model = randomised("dit", tiny(block_size=MODEL_BLOCK), seed=3, vocab=V, length=L).eval()
+    denoiser = BlockCausalDenoiser(model, MASK, V)
+    session = denoiser.prefix_session(B, L)
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((B, L), MASK)
+    worst = 0.0
+    for lo in range(0, L, sampler_block):
+        hi = lo + sampler_block
+        todo = torch.tensor([0, 2]) if lo == sampler_block else torch.arange(B)  # a row may skip a block (prompt)
+        view = session.block(x, lo, hi, todo)
+        for rows in (torch.arange(len(todo)), torch.tensor([len(todo) - 1])):  # all todo rows, then a subset
+            x_block = torch.where(torch.rand(len(rows), sampler_block, generator=g) < 0.5,
+                                  torch.randint(0, MASK, (len(rows), sampler_block), generator=g), MASK)
+            got = view(x_block, torch.full((len(rows),), 0.5), rows=rows)
+            want = _reference(model, x, lo, x_block, todo[rows])
+            finite = want > -1e5  # carried-over positions hold -1e6 in both
+            assert torch.equal(finite, got > -1e5)
+            worst = max(worst, (got - want)[finite].abs().max().item())
+        x[:, lo:hi] = torch.randint(0, MASK, (B, sampler_block), generator=g)  # commit the block
+    assert worst < TOL, worst
+    assert session.calls == L // MODEL_BLOCK - 1  # one commit per model block after the first
+    assert session.cache.length == L - MODEL_BLOCK
+
+
+def test_straddling_blocks_and_whole_rows_are_refused():
+    model = randomised("dit", tiny(block_size=MODEL_BLOCK), seed=3, vocab=V, length=L).eval()
+    denoiser = BlockCausalDenoiser(model, MASK, V)
+    with pytest.raises(SamplingError, match="straddles"):
+        denoiser.prefix_session(B, L).block(torch.full((B, L), MASK), 2, 6, torch.arange(B))
+    with pytest.raises(SamplingError, match="block by block"):
+        denoiser(torch.full((B, L), MASK), torch.ones(B))
+    with pytest.raises(SamplingError, match="block_size < L"):
+        BlockCausalDenoiser(randomised("dit", tiny(), vocab=V, length=L), MASK, V)

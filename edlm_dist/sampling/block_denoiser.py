@@ -27,7 +27,9 @@ import torch
 
 from edlm_dist.errors import SamplingError
 from edlm_dist.objectives.schedule import LogLinearSchedule
+from edlm_dist.errors import ConfigError
 from edlm_dist.objectives.subs import subs_log_probs
+from edlm_dist.sampling.engine import ModelDenoiser
 
 
 def check_block_alignment(model_block: int, lo: int, hi: int) -> None:
@@ -104,3 +106,25 @@ class BlockCausalDenoiser:
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise SamplingError(f"a block-causal denoiser (model.block_size={self.block_size}) samples block by block; "
                             f"set sample.block_size to {self.block_size} (or a divisor of it)")
+
+
+def model_block_size(meta: dict) -> int:
+    """The block size a diffusion checkpoint was trained with (its seq_len for MDLM) from its meta.json."""
+    length = int(meta.get("seq_len") or 0)
+    return int(((meta.get("config") or {}).get("model") or {}).get("block_size") or length)
+
+
+def check_block_sampling(model_block: int, sample_block: int, length: int) -> None:
+    """Before any model is loaded: a block-causal model needs block-wise sampling whose blocks fit in its own."""
+    if model_block >= length:
+        return
+    if sample_block == 0 or sample_block == length or model_block % sample_block:
+        raise ConfigError(f"the diffusion model is block-causal (model.block_size={model_block}); set "
+                          f"sample.block_size={model_block} (or a divisor of it) to sample it block by block")
+
+
+def make_denoiser(model: torch.nn.Module, mask_id: int, vocab_size: int):
+    """The sampler's view of a trained DiT: prefix-cached for a block-causal one, whole rows for MDLM."""
+    if getattr(model, "is_block_causal", False):
+        return BlockCausalDenoiser(model, mask_id, vocab_size)
+    return ModelDenoiser(model, mask_id, vocab_size)

@@ -31,8 +31,9 @@ from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError, ConfigError, DataError
 from edlm_dist.parallel.proposals import sampling_layout
 from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
+from edlm_dist.sampling.block_denoiser import check_block_sampling, make_denoiser, model_block_size
 from edlm_dist.sampling.blocks import sample_rows
-from edlm_dist.sampling.engine import ModelDenoiser, SamplerSettings
+from edlm_dist.sampling.engine import SamplerSettings
 from edlm_dist.sampling.model_energies import build_energy
 
 log = logging.getLogger("edlm.sample")
@@ -72,6 +73,7 @@ def check_inputs(cfg: RunConfig) -> dict[str, tuple[str, dict]]:
     if s.block_size > int(reference.get("seq_len") or s.block_size):
         raise ConfigError(f"sample.block_size={s.block_size} exceeds the diffusion model's row length "
                           f"{reference.get('seq_len')}; use 0 (one block) or a size <= {reference.get('seq_len')}")
+    check_block_sampling(model_block_size(reference), s.block_size, int(reference.get("seq_len") or 0))
     for role, (path, meta) in found.items():
         for key in ("vocab_size", "seq_len", "mask_id"):
             if meta.get(key) != reference.get(key):
@@ -142,7 +144,7 @@ def _sample_and_write(cfg, settings, found, language, out, ctx, proposal_paralle
     else:
         k_for_layout = settings.k
     layout = sampling_layout(ctx, proposal_parallel, k_for_layout)
-    denoiser = ModelDenoiser(dit, mask_id, vocab)
+    denoiser = make_denoiser(dit, mask_id, vocab)
     my_batches = _batches(s.num_samples, s.batch_size, layout.data_rank, layout.data_size)
     records, ess_steps = [], []
     show = cfg.logging.progress and (ctx is None or ctx.rank == 0)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edlm_dist.errors import SamplingError
+from edlm_dist.errors import ConfigError, SamplingError
 from edlm_dist.objectives.subs import subs_log_probs
-from edlm_dist.sampling.block_denoiser import BlockCausalDenoiser
+from edlm_dist.sampling.block_denoiser import BlockCausalDenoiser, check_block_sampling
+from edlm_dist.sampling.blocks import sample_blocks
+from edlm_dist.sampling.energy_fns import AREnergy
+from edlm_dist.sampling.engine import SamplerSettings
 from tests.models.model_helpers import randomised, tiny
 
 V, L, MODEL_BLOCK, B = 11, 12, 4, 3
@@ -65,3 +68,38 @@ def test_straddling_blocks_and_whole_rows_are_refused():
         denoiser(torch.full((B, L), MASK), torch.ones(B))
     with pytest.raises(SamplingError, match="block_size < L"):
         BlockCausalDenoiser(randomised("dit", tiny(), vocab=V, length=L), MASK, V)
+
+
+class _WholeRowView:
+    """The uncached reference: the block-causal model's one-stream forward of the whole row (no prefix_session,
+    so the block-wise sampler hands it [prefix, block, masks])."""
+
+    time_conditioning = False
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x_t, t):
+        return subs_log_probs(self.model(x_t, gather_logits=True)[..., :V], x_t, MASK)
+
+
+@pytest.mark.parametrize("sampler", ["mdlm", "edlm"])
+@torch.no_grad()
+def test_block_wise_samples_with_the_prefix_cache_equal_the_uncached_ones(sampler):
+    """Same tokens (float64 races on log-probs that differ by fp32 rounding only), fewer tokens per call."""
+    model = randomised("dit", tiny(block_size=MODEL_BLOCK), seed=4, vocab=V, length=L).eval()
+    energy = AREnergy(randomised("ar", tiny(), seed=5, vocab=V, length=L).eval(), MASK, carry_over=True)
+    settings = SamplerSettings(sampler=sampler, steps=3, k=3, window=1.0, block_size=MODEL_BLOCK, seed=7)
+    kwargs = dict(length=L, mask_id=MASK, energy_fn=energy if sampler == "edlm" else None)
+    cached = sample_blocks(BlockCausalDenoiser(model, MASK, V), settings, range(5), **kwargs)
+    uncached = sample_blocks(_WholeRowView(model), settings, range(5), **kwargs)
+    assert torch.equal(cached.tokens, uncached.tokens)
+    assert (cached.tokens != MASK).all() and cached.nfe == uncached.nfe
+
+
+def test_sampling_settings_must_fit_the_model_blocks():
+    check_block_sampling(L, 0, L)  # MDLM: anything goes
+    check_block_sampling(MODEL_BLOCK, MODEL_BLOCK // 2, L)
+    for sample_block in (0, L, 3, 2 * MODEL_BLOCK):
+        with pytest.raises(ConfigError, match="block by block"):
+            check_block_sampling(MODEL_BLOCK, sample_block, L)

@@ -17,6 +17,14 @@ which attends to the cached whole blocks and to itself bidirectionally, exactly 
 the whole row [prefix, block, masks] that a whole-row view computes (tested to fp32
 tolerance against the one-stream forward: tests/sampling/test_block_denoiser.py). ``session.calls``
 counts the prefix-commit calls (sequential model calls besides the denoising ones).
+
+Fused commits (``fuse_commits``, default on): ``block()`` only remembers the newly committed blocks; the
+block's first denoising call, when it covers every row of the batch (the usual case: the first step of a
+block needs μθ for all rows), runs [new committed blocks ; the current model block] as one chunk with a
+block-causal in-chunk mask and keeps only the committed part in the cache (``append=n``). The committed
+blocks' keys do not see the current block (the mask), so the cache holds exactly what a separate commit
+call writes, and a block costs its denoising calls only: ~L/b fewer sequential calls per row. When the first
+call covers a subset of rows, the commit runs on its own first.
 """
 
 from __future__ import annotations
@@ -42,25 +50,37 @@ def check_block_alignment(model_block: int, lo: int, hi: int) -> None:
 class BlockCausalSession:
     """Prefix state of one batch: a KV cache of the committed whole model blocks of every row."""
 
-    def __init__(self, model: torch.nn.Module, mask_id: int, vocab_size: int, batch: int, length: int):
+    def __init__(self, model: torch.nn.Module, mask_id: int, vocab_size: int, batch: int, length: int,
+                 fuse_commits: bool = True):
         self.model, self.mask_id, self.vocab_size = model, mask_id, vocab_size
-        self.batch, self.length = batch, length
+        self.batch, self.length, self.fuse_commits = batch, length, fuse_commits
         self.cache = model.new_cache(length)
+        self.pending: Optional[torch.Tensor] = None  # committed whole blocks not yet in the cache (all rows)
         self.calls = 0
+
+    def flush(self) -> None:
+        """Write the pending committed blocks into the cache with a call of their own."""
+        if self.pending is not None:
+            self.model(self.pending, cache=self.cache)
+            self.calls += 1
+            self.pending = None
 
     @torch.no_grad()
     def block(self, x: torch.Tensor, lo: int, hi: int, todo: torch.Tensor) -> "CachedBlockView":
-        """Commit x's whole model blocks below ``lo`` that the cache lacks; return the view of [lo, hi)."""
+        """Commit x's whole model blocks below ``lo`` that the cache lacks (now, or fused into the block's
+        first denoising call); return the view of [lo, hi)."""
         if x.shape != (self.batch, self.length):
             raise SamplingError(f"the session holds {self.batch} rows of {self.length}, got x {tuple(x.shape)}")
         check_block_alignment(self.model.block_size, lo, hi)
         start = lo - lo % self.model.block_size  # the model block holding [lo, hi) starts here
+        self.flush()
         if start < self.cache.length:
             raise SamplingError(f"blocks go left to right: the cache already holds {self.cache.length} positions, "
                                 f"past this block's start {start}")
         if start > self.cache.length:
-            self.model(x[:, self.cache.length:start], cache=self.cache)  # every row's newly committed blocks
-            self.calls += 1
+            self.pending = x[:, self.cache.length:start].clone()  # every row's newly committed blocks
+            if not self.fuse_commits:
+                self.flush()
         end = min(start + self.model.block_size, self.length)
         return CachedBlockView(self, x[:, start:lo].clone(), todo.to(x.device), lo - start, end - hi)
 
@@ -82,9 +102,16 @@ class CachedBlockView:
         batch_rows = self.todo[rows.to(self.todo.device)]
         masks = torch.full((len(batch_rows), self.tail), s.mask_id, dtype=x_block.dtype, device=x_block.device)
         chunk = torch.cat([self.committed[batch_rows], x_block, masks], dim=1)
-        child = s.cache.share(group=1, rows=batch_rows)
-        logits = s.model(chunk, cache=child, append=False, gather_logits=True)
-        logits = logits[:, self.offset:self.offset + x_block.shape[1], : s.vocab_size]
+        offset = self.offset
+        if s.pending is not None and torch.equal(batch_rows.cpu(), torch.arange(s.batch)):  # fused commit
+            kept = s.pending.shape[1]
+            logits = s.model(torch.cat([s.pending, chunk], dim=1), cache=s.cache, append=kept, gather_logits=True)
+            s.pending, offset = None, offset + kept
+        else:
+            s.flush()
+            child = s.cache.share(group=1, rows=batch_rows)
+            logits = s.model(chunk, cache=child, append=False, gather_logits=True)
+        logits = logits[:, offset:offset + x_block.shape[1], : s.vocab_size]
         return subs_log_probs(logits, x_block, s.mask_id)
 
 
@@ -94,14 +121,14 @@ class BlockCausalDenoiser:
     time_conditioning = False
 
     def __init__(self, model: torch.nn.Module, mask_id: int, vocab_size: int,
-                 schedule: Optional[LogLinearSchedule] = None):
+                 schedule: Optional[LogLinearSchedule] = None, *, fuse_commits: bool = True):
         if not getattr(model, "is_block_causal", False):
             raise SamplingError("BlockCausalDenoiser needs a DiT with model.block_size < L")
         self.model, self.mask_id, self.vocab_size = model.eval(), int(mask_id), int(vocab_size)
-        self.block_size = model.block_size
+        self.block_size, self.fuse_commits = model.block_size, fuse_commits
 
     def prefix_session(self, batch: int, length: int) -> BlockCausalSession:
-        return BlockCausalSession(self.model, self.mask_id, self.vocab_size, batch, length)
+        return BlockCausalSession(self.model, self.mask_id, self.vocab_size, batch, length, self.fuse_commits)
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         raise SamplingError(f"a block-causal denoiser (model.block_size={self.block_size}) samples block by block; "

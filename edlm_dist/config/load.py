@@ -124,6 +124,11 @@ def validate_config(cfg: RunConfig) -> None:
             steps = getattr(cfg.pipeline, f"{model}_steps")
             _check(steps >= 1, f"pipeline.{model}_steps=0 but pipeline.methods has {method}, which needs the "
                    f"{model} model; train it (pipeline.{model}_steps >= 1) or drop {method}")
+    pb = cfg.pipeline.block_size
+    _check(pb == 0 or (pb < d.seq_len and d.seq_len % pb == 0),
+           f"pipeline.block_size={pb} must be 0 (no block-causal model) or a divisor of data.seq_len={d.seq_len} below it")
+    _check(pb == 0 or cfg.pipeline.ar_steps >= 1, f"pipeline.block_size={pb} samples block-edlm-ar, which needs the ar "
+           "model; train it (pipeline.ar_steps >= 1) or set pipeline.block_size=0")
     _validate_slurm(cfg.slurm)
 
 

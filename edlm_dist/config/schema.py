@@ -213,6 +213,9 @@ class PipelineConfig:
     ar_steps: int = number(300, 0, BIG)  # 0 only when no method needs the AR model
     nce_steps: int = number(150, 0, BIG)  # 0 only when no method needs the NCE energy model
     num_samples: int = number(64, 1, BIG)
+    block_size: int = number(0, 0, 2**20)  # > 0: also train a block-causal MDLM (model.block_size) into OUT/block; docs/block_diffusion.md
+    block_steps: int = number(0, 0, BIG)  # its training steps; 0 = mdlm_steps
+    block_step_counts: list[int] = numbers([1, 2, 4], 1, 10**6)  # its sampler's steps PER BLOCK
 
 
 @dataclass

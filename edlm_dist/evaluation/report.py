@@ -319,8 +319,9 @@ def write_outputs(results: dict, out: Path) -> None:
 # ----------------------------------------------------------------------------- `edlm pipeline` report
 def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, settings_line: str, *,
                           title: str = "EDLM vs MDLM on the synthetic language (exact oracle)",
-                          data_label: str = "data (exact)") -> None:
-    """``results.md``, ``frontier.png`` and ``entropy_vs_genppl.png`` of a pipeline run."""
+                          data_label: str = "data (exact)", extra_lines: Sequence[str] = ()) -> None:
+    """``results.md``, ``frontier.png`` and ``entropy_vs_genppl.png`` of a pipeline run (``extra_lines``
+    follow the samples table)."""
     curves = {m: results["methods"][m] for m in methods if m in results["methods"]}
     plot_frontier(curves, out / "frontier.png")
     plot_entropy_vs_genppl(curves, out / "entropy_vs_genppl.png")
@@ -332,7 +333,7 @@ def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, sett
             with_interval(row, "seconds_per_sample", "{:.4f}"))
     lines = [f"# {title}", "", settings_line, "", INTERVALS_NOTE, "",
              markdown_table(rows, ["method", "steps", "gen_ppl", "nll_per_token", "entropy", "seconds_per_sample",
-                                   "k", "window"]), ""]
+                                   "sequential_calls", "k", "window"]), "", *extra_lines]
     lines += comparison_section(results.get("comparisons", []), "mdlm") + [""]
     if "likelihood" in results:
         lines += likelihood_section(results["likelihood"], out) + [""]

@@ -5,9 +5,12 @@ re-run reuses finished work and an interrupted one resumes):
 
 1. ``data/``      the config's data: ``data.dir`` when set (used as it is), else ``data.source`` prepared
                   here (the synthetic language, ``pydoc``, or ``data.input`` for text / jsonl / text8 / hf)
-2. ``mdlm/``, ``ar/``, ``nce/``  the trained models the methods need (``edlm train`` runs; resumable)
-3. ``samples/<method>_T<steps>/``  the ``pipeline.methods`` (MDLM; EDLM with AR, coAR, NCE, exact energies)
-4. ``likelihood.json``  validation likelihood: MDLM NELBO, AR NLL, EDLM-coAR, Theorem-1 bounds
+2. ``mdlm/``, ``ar/``, ``nce/``  the trained models the methods need (``edlm train`` runs; resumable); with
+   ``pipeline.block_size`` b also ``block/``: a block-causal MDLM (model.block_size=b, docs/block_diffusion.md)
+3. ``samples/<method>_T<steps>/``  the ``pipeline.methods`` (MDLM; EDLM with AR, coAR, NCE, exact energies);
+   with a block model also ``block-mdlm`` and ``block-edlm-ar``, block by block (T = steps per block)
+4. ``likelihood.json``  validation likelihood: MDLM NELBO, AR NLL, EDLM-coAR, Theorem-1 bounds (and
+   ``likelihood_block.json``: the block model's block NELBO)
 5. ``results.json``, ``results.md``, ``samples.md`` (decoded samples), ``frontier.png``, ``entropy_vs_genppl.png``
 
 The judge of Gen PPL is the exact language on synthetic data, and on real text the Kneser-Ney n-gram model
@@ -20,6 +23,7 @@ import copy
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +70,11 @@ METHODS = {  # name -> (sampler, energy)
     "edlm-nce": ("edlm", "nce"),
     "edlm-oracle": ("edlm", "oracle"),
 }
+BLOCK_METHODS = {  # the block-causal model (pipeline.block_size), sampled block by block: name -> (sampler, energy)
+    "block-mdlm": ("mdlm", None),
+    "block-edlm-ar": ("edlm", "ar"),
+}
+TIMING_FILE = "train_seconds.json"  # wall seconds of a stage's training, written when this pipeline trains it
 
 
 def prepare_stage(cfg: RunConfig, out: Path) -> str:
@@ -106,23 +115,40 @@ def train_stage(cfg: RunConfig, data_dir: str, run_dir: Path, objective: str, st
     for key, value in extra.items():
         setattr(stage.train, key, value)
     trainer = Trainer(stage, run_dir)
+    started = time.perf_counter()
     try:
         trainer.train()
     finally:
         trainer.close()
+    write_json_atomic(run_dir / TIMING_FILE, {"seconds": time.perf_counter() - started, "steps": steps})
     return run_dir
+
+
+def train_seconds(run_dir: Path) -> float | None:
+    """Wall seconds the stage's training took when a pipeline trained it (None: trained elsewhere)."""
+    path = run_dir / TIMING_FILE
+    return json.loads(path.read_text())["seconds"] if path.is_file() else None
+
+
+def block_config(cfg: RunConfig) -> RunConfig:
+    """The block-causal model's config: the MDLM recipe with model.block_size = pipeline.block_size."""
+    stage = copy.deepcopy(cfg)
+    stage.model.block_size = cfg.pipeline.block_size
+    return stage
 
 
 def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, steps: int) -> dict:
     folder = out / "samples" / f"{method}_T{steps}"
     if summary_path(folder).is_file():
         return read_sample_summary(samples_path(folder))
-    sampler, energy = METHODS[method]
+    sampler, energy = {**METHODS, **BLOCK_METHODS}[method]
     stage = copy.deepcopy(cfg)
     s = stage.sample
     s.sampler, s.steps, s.num_samples = sampler, steps, cfg.pipeline.num_samples
     s.energy = energy or s.energy
     s.diffusion_ckpt, s.ar_ckpt, s.energy_ckpt = (str(runs.get(name, "")) for name in ("mdlm", "ar", "nce"))
+    if method in BLOCK_METHODS:  # block by block with the block-causal model (prefix-cached); T = steps per block
+        s.diffusion_ckpt, s.block_size = str(runs["block"]), cfg.pipeline.block_size
     return run_sampling(stage, folder)
 
 
@@ -195,6 +221,30 @@ def likelihood_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: str, out: 
     return result
 
 
+def block_likelihood_stage(cfg: RunConfig, run_dir: Path, data_dir: str, out: Path) -> dict:
+    """The block-causal model's block NELBO on the validation rows (EMA weights; same rows and noise seed)."""
+    path = out / "likelihood_block.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    models, _ = load_likelihood_models({"dit": run_dir})
+    result = likelihood_metrics(cfg, models, data_dir)
+    write_json_atomic(path, result)
+    return result
+
+
+def block_report_lines(cfg: RunConfig, results: dict) -> list[str]:
+    """The block model's NELBO and every stage's training time, under the pipeline's table."""
+    lines = []
+    if "likelihood_block" in results:
+        nelbo = results["likelihood_block"]["methods"]["mdlm"]
+        lines += [f"Block-causal MDLM (b={cfg.pipeline.block_size}): block NELBO {nelbo['nll']:.4f} nats/token "
+                  f"(PPL {nelbo['ppl']:.3f}); `block-*` rows sample block by block, T = steps per block.", ""]
+    seconds = {name: value for name, value in results.get("train_seconds", {}).items() if value is not None}
+    if seconds:
+        lines += ["Training wall time (s): " + ", ".join(f"{name} {value:.0f}" for name, value in seconds.items()), ""]
+    return lines
+
+
 def report(cfg: RunConfig, out: Path, results: dict) -> None:
     exact = results["judge"].startswith("the exact language")
     settings_line = (f"k={cfg.sample.k}, window={cfg.sample.window}, {cfg.pipeline.num_samples} samples per cell, "
@@ -203,8 +253,10 @@ def report(cfg: RunConfig, out: Path, results: dict) -> None:
                      "sampling noise of these weights, not the spread between training runs.")
     title = ("EDLM vs MDLM on the synthetic language (exact oracle)" if exact else
              f"EDLM vs MDLM on real text ({load_manifest(results['data_dir'])['source'].get('name')}), independent judge")
-    write_pipeline_report(results, list(cfg.pipeline.methods), out, settings_line, title=title,
-                          data_label="data (exact)" if exact else "real text (training rows)")
+    methods = list(cfg.pipeline.methods) + (list(BLOCK_METHODS) if cfg.pipeline.block_size else [])
+    write_pipeline_report(results, methods, out, settings_line, title=title,
+                          data_label="data (exact)" if exact else "real text (training rows)",
+                          extra_lines=block_report_lines(cfg, results))
 
 
 def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
@@ -219,25 +271,34 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
         raise ConfigError("pipeline.methods has edlm-oracle, which needs the synthetic language's exact energy; "
                           "drop it for real text")
     needed = {"mdlm"} | {model for method in p.methods for model in METHOD_MODELS[method]}
+    needed |= {"ar"} if p.block_size else set()  # block-edlm-ar
     runs = {"mdlm": train_stage(cfg, data_dir, out / "mdlm", "mdlm", p.mdlm_steps)}
     if "ar" in needed:
         runs["ar"] = train_stage(cfg, data_dir, out / "ar", "ar", p.ar_steps)
     if "nce" in needed:
         runs["nce"] = train_stage(cfg, data_dir, out / "nce", "nce", p.nce_steps, diffusion_ckpt=str(runs["mdlm"]))
+    if p.block_size:
+        runs["block"] = train_stage(block_config(cfg), data_dir, out / "block", "mdlm", p.block_steps or p.mdlm_steps)
     results: dict[str, Any] = {"methods": {}, "settings": _settings(cfg), "judge": judge, "data_dir": data_dir}
-    cells = {}
-    for method in p.methods:
-        for steps in p.step_counts:
-            summary = sample_stage(cfg, runs, out, method, steps)
-            metrics, cells[method, steps] = sample_metrics(out / "samples" / f"{method}_T{steps}", oracle)
-            results["methods"].setdefault(method, []).append({
-                "steps": steps, **metrics,
-                "k": summary.get("k"), "window": summary.get("window"), "mean_ess": summary.get("mean_ess"),
-                "mean_nfe": summary.get("mean_nfe"),
-            })
-    results["comparisons"] = compare_at_equal_steps(cells, baseline="mdlm")
+    cells = [(method, steps) for method in p.methods for steps in p.step_counts]
+    cells += [(method, steps) for method in BLOCK_METHODS for steps in p.block_step_counts] if p.block_size else []
+    scores = {}
+    for method, steps in cells:
+        summary = sample_stage(cfg, runs, out, method, steps)
+        metrics, scores[method, steps] = sample_metrics(out / "samples" / f"{method}_T{steps}", oracle)
+        results["methods"].setdefault(method, []).append({
+            "steps": steps, **metrics,
+            "k": summary.get("k"), "window": summary.get("window"), "mean_ess": summary.get("mean_ess"),
+            "mean_nfe": summary.get("mean_nfe"), "sequential_calls": summary.get("mean_sequential_calls"),
+        })
+    # equal T means equal work only for the whole-row samplers (block-* rows take T steps PER BLOCK)
+    results["comparisons"] = compare_at_equal_steps(
+        {cell: score for cell, score in scores.items() if cell[0] not in BLOCK_METHODS}, baseline="mdlm")
     results["data"] = data_values(cfg, data_dir, oracle)
-    results["likelihood"] = likelihood_stage(cfg, runs, data_dir, out)
+    results["likelihood"] = likelihood_stage(cfg, {k: v for k, v in runs.items() if k != "block"}, data_dir, out)
+    if p.block_size:
+        results["likelihood_block"] = block_likelihood_stage(cfg, runs["block"], data_dir, out)
+    results["train_seconds"] = {name: train_seconds(path) for name, path in runs.items()}
     write_json_atomic(out / RESULTS_FILE, results)
     report(cfg, out, results)
     write_decoded_samples(cfg, out)

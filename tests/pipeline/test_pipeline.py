@@ -11,7 +11,8 @@ TINY = ["model.hidden_size=32", "model.n_blocks=1", "model.cond_dim=16", "data.s
         "data.synthetic.valid_rows=64", "train.global_batch=16", "train.micro_batch=16", "train.log_every=5",
         "pipeline.mdlm_steps=20", "pipeline.ar_steps=20", "pipeline.nce_steps=10", "pipeline.num_samples=8",
         "pipeline.step_counts=[2,4]", "sample.k=2", "sample.batch_size=8", "eval.n_negatives=4",
-        "eval.batch_size=16", "eval.max_batches=2", "logging.progress=false"]
+        "eval.batch_size=16", "eval.max_batches=2", "logging.progress=false",
+        "pipeline.block_size=4", "pipeline.block_steps=10", "pipeline.block_step_counts=[1,2]"]
 
 
 def _run(out_dir):
@@ -27,17 +28,23 @@ def test_pipeline_writes_every_result_and_reuses_finished_stages(tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
-    assert set(saved["methods"]) == {"mdlm", "edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle"}
+    assert set(saved["methods"]) == {"mdlm", "edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle", "block-mdlm",
+                                     "block-edlm-ar"}
     for method, rows in saved["methods"].items():
-        assert [row["steps"] for row in rows] == [2, 4]
+        assert [row["steps"] for row in rows] == ([1, 2] if method.startswith("block") else [2, 4])
         for row in rows:
             assert row["gen_ppl"] > 1 and row["entropy"] > 0 and row["seconds_per_sample"] > 0
-            assert (row["k"], row["window"]) == ((None, None) if method == "mdlm" else (2, 1.0))
+            assert (row["k"], row["window"]) == ((None, None) if method.endswith("mdlm") else (2, 1.0))
+    # The block-causal model (b = 4 of L = 32): 8 blocks, T denoiser calls each, commits fused into them.
+    assert [row["mean_nfe"] for row in saved["methods"]["block-mdlm"]] == [8, 16]
+    assert [row["sequential_calls"] for row in saved["methods"]["block-mdlm"]] == [8, 16]
+    assert saved["likelihood_block"]["methods"]["mdlm"]["block_size"] == 4
+    assert set(saved["train_seconds"]) == {"mdlm", "ar", "nce", "block"}
     language_rate = saved["data"]["nll_per_token"]
     assert abs(saved["data"]["gen_ppl"] - 2.718281828 ** language_rate) < 1e-9
     assert {"ar", "mdlm", "edlm_coar", "edlm_ar", "edlm_nce"} <= set(saved["likelihood"]["methods"])
     table = (tmp_path / "results.md").read_text()
-    assert "| edlm-oracle | 2 |" in table and "data (exact)" in table
+    assert "| edlm-oracle | 2 |" in table and "data (exact)" in table and "| block-mdlm | 1 |" in table
     # every cell carries its intervals; every EDLM cell is compared with MDLM at its T
     for rows in saved["methods"].values():
         for row in rows:

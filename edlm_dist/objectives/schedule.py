@@ -75,7 +75,9 @@ def sample_times(
     if not 0.0 <= sampling_eps < sampling_eps_max <= 1.0:
         raise ConfigError(f"need 0 <= sampling_eps < sampling_eps_max <= 1, got {sampling_eps} and "
                           f"{sampling_eps_max}; MDLM uses 1e-3 and 1")
-    u = torch.rand(n, generator=generator, device=device, dtype=dtype)
+    # Drawn where the generator lives (the trainer's noise stream is a CPU generator), then moved: a CUDA run
+    # draws the same numbers as a CPU run and never hands a CPU generator to a CUDA kernel.
+    u = torch.rand(n, generator=generator, device=_generator_device(generator, device), dtype=dtype).to(device)
     if antithetic:
         offsets = torch.arange(n, device=u.device, dtype=dtype) / n
         u = torch.remainder(u / n + offsets, 1.0)
@@ -105,6 +107,12 @@ def mask_tokens(
     if move_chance.shape not in ((x0.shape[0],), tuple(x0.shape)):
         raise ConfigError(f"mask_tokens expects one move chance per row ({x0.shape[0]},) or per position "
                           f"{tuple(x0.shape)}, got {tuple(move_chance.shape)}")
-    u = torch.rand(x0.shape, generator=generator, device=x0.device, dtype=move_chance.dtype)
+    u = torch.rand(x0.shape, generator=generator, device=_generator_device(generator, x0.device),
+                   dtype=move_chance.dtype).to(x0.device)
     masked = u < (move_chance[:, None] if move_chance.dim() == 1 else move_chance)
     return torch.where(masked, torch.full_like(x0, mask_id), x0)
+
+
+def _generator_device(generator: torch.Generator | None, device) -> torch.device | str | None:
+    """Where a draw from ``generator`` must happen: its own device (None: the target device)."""
+    return generator.device if generator is not None else device

@@ -42,6 +42,8 @@ CASES = {
     "dit_ckpt_dropout": ("dit", TINY + ["model.dropout=0.1", "model.activation_checkpointing=true"]),
     # block-causal denoiser (BD3-LM), its two-stream training forward on [x_t ; x0]
     "dit_block": ("dit", TINY + ["model.block_size=2"]),
+    "dit_block_ckpt_dropout": ("dit", TINY + ["model.block_size=2", "model.dropout=0.1",
+                                              "model.activation_checkpointing=true"]),
 }
 
 

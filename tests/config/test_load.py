@@ -36,6 +36,11 @@ def test_preset_fills_model_sizes():
         (["train.global_batch=10", "train.micro_batch=4"], "not a multiple"),
         (["model.preset=huge"], "model.preset 'huge' is unknown"),
         (["train.objective=gan"], "train.objective='gan' is not valid"),
+        (["model.block_size=5"], "model.block_size=5 must divide data.seq_len=32"),
+        (["model.block_size=4", "model.time_conditioning=true"], "needs model.time_conditioning=false"),
+        (["train.sampling_eps=0.5", "train.sampling_eps_max=0.4"], "train.sampling_eps < train.sampling_eps_max"),
+        (["pipeline.block_size=32"], "pipeline.block_size=32 must be 0"),
+        (["pipeline.block_step_counts=[0]"], "pipeline.block_step_counts all >= 1"),
     ],
 )
 def test_bad_config_gives_one_line_error(overrides, fragment):

@@ -165,12 +165,13 @@ class _EdlmWrappedConfig(PreTrainedConfig):
     cond_dim: int = 32
     mlp_ratio: int = 4
     time_conditioning: bool = False
+    block_size: int = 0  # a block-causal DiT's model.block_size (0 = the whole row: MDLM)
     mask_token_id: Optional[int] = None
 
     def edlm_model_config(self) -> ModelConfig:
         return ModelConfig(hidden_size=self.hidden_size, n_blocks=self.n_blocks, n_heads=self.n_heads,
                            cond_dim=self.cond_dim, mlp_ratio=self.mlp_ratio, dropout=0.0,
-                           time_conditioning=self.time_conditioning, use_apex=False)
+                           time_conditioning=self.time_conditioning, block_size=self.block_size, use_apex=False)
 
 
 @strict
@@ -187,7 +188,7 @@ def wrapped_hf_config(kind: str, model_cfg: ModelConfig, *, vocab_size: int, seq
                       bos_id: Optional[int], eos_id: Optional[int]) -> _EdlmWrappedConfig:
     config_class = EdlmDiffusionConfig if kind == "dit" else EdlmEnergyConfig
     fields = {k: v for k, v in asdict(model_cfg).items()
-              if k in ("hidden_size", "n_blocks", "n_heads", "cond_dim", "mlp_ratio", "time_conditioning")}
+              if k in ("hidden_size", "n_blocks", "n_heads", "cond_dim", "mlp_ratio", "time_conditioning", "block_size")}
     return config_class(vocab_size=vocab_size, seq_len=seq_len, mask_token_id=mask_id, bos_token_id=bos_id,
                         eos_token_id=eos_id, architectures=[HF_CLASS_FOR_KIND[kind]], **fields)
 

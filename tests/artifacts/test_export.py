@@ -283,3 +283,23 @@ def test_sample_and_eval_accept_export_folders_bitwise(runs, tmp_path):
     message = warn_if_judge_is_not_independent(str(exports["ar"]), {"ar": str(runs["ar"])}, str(runs["data"]))
     assert message and "EDLM's own AR energy" in message
     assert warn_if_judge_is_not_independent(str(exports["mdlm"]), {}, None) is None
+
+
+def test_block_causal_diffusion_keeps_its_block_size_through_the_hf_config():
+    """A block-causal DiT rebuilt from its HF config is block-causal again (same logits), not an MDLM with its
+    weights: the exported config carries model.block_size."""
+    import edlm_dist.artifacts.hf_models as hf_models
+    from edlm_dist.models.build import build_model
+    from edlm_dist.parallel.sharded_state import full_state_dict, load_full_state_dict
+
+    cfg = ModelConfig(hidden_size=32, n_blocks=2, n_heads=4, cond_dim=16, block_size=4)
+    torch.manual_seed(0)
+    dit = build_model("dit", cfg, 35, 16).eval()
+    load_full_state_dict(dit, {k: torch.randn_like(v) * 0.3 for k, v in full_state_dict(dit).items()})
+    config = hf_models.wrapped_hf_config("dit", cfg, vocab_size=35, seq_len=16, mask_id=34, bos_id=32, eos_id=33)
+    hf = hf_models.EdlmDiffusionModel(config).eval()
+    load_full_state_dict(hf.model, full_state_dict(dit))
+    assert hf.model.is_block_causal and hf.model.block_size == 4
+    tokens = torch.randint(0, 34, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(hf(input_ids=tokens).logits, dit(tokens, gather_logits=True))

@@ -20,7 +20,7 @@ import torch
 from edlm_dist.data.loader import build_eval_loader
 from edlm_dist.objectives.schedule import NELBO_SAMPLING_EPS
 from edlm_dist.training.objective_steps import MDLMObjective
-from edlm_dist.training.weights import load_trained_model
+from edlm_dist.artifacts.weights import load_trained_model
 
 
 def intervals(widths: list[float], delta: float) -> list[tuple[float, float]]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from edlm_dist.errors import ConfigError
-from edlm_dist.parallel.spawn import run_on_ranks
+from tests.spawn import run_on_ranks
 
 from model_helpers import randomised, tiny  # noqa: E402
 

@@ -17,7 +17,7 @@ import torch
 from edlm_dist.errors import ConfigError
 from edlm_dist.models.block_attention import block_causal_mask, chunk_mask, two_stream_mask
 from edlm_dist.models.build import build_model
-from edlm_dist.models.layers import full_state_dict, load_full_state_dict
+from edlm_dist.parallel.sharded_state import full_state_dict, load_full_state_dict
 from model_helpers import randomised, tiny  # noqa: E402
 
 V, L, B = 11, 8, 3

@@ -15,7 +15,7 @@ from edlm_dist.errors import ConfigError, SamplingError
 from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.sampling.block_denoiser import BlockCausalDenoiser, check_block_sampling
 from edlm_dist.sampling.blocks import sample_blocks
-from edlm_dist.sampling.energy_fns import AREnergy
+from edlm_dist.sampling.model_energies import AREnergy
 from edlm_dist.sampling.engine import SamplerSettings
 from tests.models.model_helpers import randomised, tiny
 

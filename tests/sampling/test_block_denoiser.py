@@ -106,6 +106,25 @@ def test_block_wise_samples_with_the_prefix_cache_equal_the_uncached_ones(sample
             assert denoiser_commits == (0 if fuse else L // MODEL_BLOCK - 1)
 
 
+@pytest.mark.parametrize("sampler", ["mdlm", "edlm"])
+@torch.no_grad()
+def test_prompted_block_wise_samples_with_the_prefix_cache_equal_the_uncached_ones(sampler):
+    """A prompt of 6 tokens (one whole model block and half the next; rows of different prompts): the prompt
+    stays, the first block is never sampled, and the cached samples are the uncached reference's tokens."""
+    model = randomised("dit", tiny(block_size=MODEL_BLOCK), seed=6, vocab=V, length=L).eval()
+    energy = AREnergy(randomised("ar", tiny(), seed=8, vocab=V, length=L).eval(), MASK, carry_over=True)
+    settings = SamplerSettings(sampler=sampler, steps=2, k=3, window=1.0, block_size=MODEL_BLOCK // 2, seed=3)
+    prompt = torch.randint(0, MASK, (4, 6), generator=torch.Generator().manual_seed(0))
+    x_init = torch.full((4, L), MASK)
+    x_init[:, :6] = prompt
+    kwargs = dict(length=L, mask_id=MASK, energy_fn=energy if sampler == "edlm" else None, x_init=x_init)
+    uncached = sample_blocks(_WholeRowView(model), settings, range(4), **kwargs)
+    cached = sample_blocks(BlockCausalDenoiser(model, MASK, V), settings, range(4), **kwargs)
+    assert torch.equal(cached.tokens, uncached.tokens) and torch.equal(cached.tokens[:, :6], prompt)
+    assert (cached.tokens != MASK).all()
+    assert cached.nfe == uncached.nfe == (L - 6) // (MODEL_BLOCK // 2) * settings.steps  # prompt blocks skipped
+
+
 def test_sampling_settings_must_fit_the_model_blocks():
     check_block_sampling(L, 0, L)  # MDLM: anything goes
     check_block_sampling(MODEL_BLOCK, MODEL_BLOCK // 2, L)

@@ -1,13 +1,14 @@
 """Distributed proposal sampler: distributed ≡ single rank.
 
 Two gloo ranks sample with the k proposals split over them (k = 4, 3 and 1: divisible, uneven,
-fewer proposals than ranks; block-wise with the cached coAR energy), and as two data-parallel groups, and (second fork) with a
-tensor-parallel diffusion + AR energy pair. Every layout must give exactly the tokens of one process
+fewer proposals than ranks; block-wise with the cached coAR energy; block-wise with the block-causal denoiser's prefix
+cache too), and as two data-parallel groups, and (second fork) with a tensor-parallel diffusion + AR energy pair. Every layout must give exactly the tokens of one process
 drawing all k itself, with x_t identical on every rank after every step (per-step hashes).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -20,6 +21,7 @@ from edlm_dist.errors import ConfigError, SamplingError
 from edlm_dist.models.build import build_model
 from edlm_dist.parallel.sharded_state import load_full_state_dict
 from edlm_dist.parallel.proposals import default_proposal_parallel, proposal_split, sampling_layout
+from edlm_dist.sampling.block_denoiser import BlockCausalDenoiser
 from edlm_dist.sampling.blocks import sample_rows
 from edlm_dist.sampling.model_energies import AREnergy
 from edlm_dist.sampling.run import _batches
@@ -39,32 +41,41 @@ CASES = {  # name: settings
     "k4_reuse": SamplerSettings(sampler="edlm", steps=8, k=4, window=0.5, seed=9, redraw_every_step=False),
     # block-wise, with the coAR energy's prefix KV cache extended on every rank (sampling/prefix_energies.py)
     "k3_blocks": SamplerSettings(sampler="edlm", steps=3, k=3, window=1.0, seed=9, block_size=3),
+    # the block-causal denoiser (model blocks of 4, sampler blocks of 2): every rank keeps its own prefix cache
+    # of the same committed rows (its calls are replicated), the coAR energy's is shared as above
+    "k3_block_causal": SamplerSettings(sampler="edlm", steps=3, k=3, window=1.0, seed=9, block_size=2),
 }
+BLOCK_CAUSAL = dataclasses.replace(TINY, block_size=4, time_conditioning=False)
 NETWORK_N = network_reduction_size(TINY, LENGTH, VOCAB)
+TP_CASES = ("k4", "k3_blocks", "k3_block_causal")
 DATA_PARALLEL = SamplerSettings(sampler="edlm", steps=8, k=2, window=1.0, seed=4)
 
 
-def _random_state(kind: str, seed: int) -> dict[str, torch.Tensor]:
+def _random_state(kind: str, seed: int, cfg: ModelConfig = TINY) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    model = build_model(kind, TINY, VOCAB, LENGTH)
+    model = build_model(kind, cfg, VOCAB, LENGTH)
     g = torch.Generator().manual_seed(seed)
     return {name: torch.randn(p.shape, generator=g) * (0.8 / math.sqrt(p.shape[1] if p.dim() == 2 else 1))
             for name, p in model.named_parameters()}
 
 
 def _models(states):
-    """DiT denoiser + coAR energy for the current TP group, from full (TP-independent) weights."""
+    """The denoisers (whole-row DiT, block-causal DiT) + coAR energy for the current TP group, from full
+    (TP-independent) weights."""
     models = {}
-    for kind in ("dit", "ar"):
+    for name, kind, cfg in (("dit", "dit", TINY), ("ar", "ar", TINY), ("block_causal", "dit", BLOCK_CAUSAL)):
         torch.manual_seed(0)
-        models[kind] = build_model(kind, TINY, VOCAB, LENGTH)
-        load_full_state_dict(models[kind], states[kind])
-        models[kind].eval()
-    return ModelDenoiser(models["dit"], MASK, VOCAB), AREnergy(models["ar"], MASK, carry_over=True)
+        models[name] = build_model(kind, cfg, VOCAB, LENGTH)
+        load_full_state_dict(models[name], states[name])
+        models[name].eval()
+    denoisers = {"whole_row": ModelDenoiser(models["dit"], MASK, VOCAB),
+                 "block_causal": BlockCausalDenoiser(models["block_causal"], MASK, VOCAB)}
+    return denoisers, AREnergy(models["ar"], MASK, carry_over=True)
 
 
-def _sample(denoiser, energy, settings, ids, proposals=None):
-    out = sample_rows(denoiser, settings, ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
+def _sample(denoisers, energy, name, ids, proposals=None):
+    denoiser = denoisers["block_causal" if name.endswith("block_causal") else "whole_row"]
+    out = sample_rows(denoiser, CASES[name], ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
                       trace=True)
     return {"tokens": out.tokens, "hashes": out.step_hashes, "ess": out.ess_per_step,
             "energy_evaluations": out.energy_evaluations, "prefix_calls": out.prefix_calls}
@@ -72,14 +83,16 @@ def _sample(denoiser, energy, settings, ids, proposals=None):
 
 @pytest.fixture(scope="module")
 def states():
-    return {"dit": _random_state("dit", 1), "ar": _random_state("ar", 2)}
+    return {"dit": _random_state("dit", 1), "ar": _random_state("ar", 2),
+            "block_causal": _random_state("dit", 3, BLOCK_CAUSAL)}
 
 
 @pytest.fixture(scope="module")
 def reference(states):
-    denoiser, energy = _models(states)
-    out = {name: _sample(denoiser, energy, settings, IDS) for name, settings in CASES.items()}
-    out["data_parallel"] = _sample(denoiser, energy, DATA_PARALLEL, range(5))["tokens"]
+    denoisers, energy = _models(states)
+    out = {name: _sample(denoisers, energy, name, IDS) for name in CASES}
+    out["data_parallel"] = sample_rows(denoisers["whole_row"], DATA_PARALLEL, range(5), length=LENGTH, mask_id=MASK,
+                                       energy_fn=energy).tokens
     return out
 
 
@@ -88,12 +101,13 @@ def _rank_tp1(states):
     from edlm_dist.parallel.runtime import init_parallel
 
     ctx = init_parallel(load_config(None, ["train.global_batch=2", "train.micro_batch=1"]))
-    denoiser, energy = _models(states)
+    denoisers, energy = _models(states)
+    denoiser = denoisers["whole_row"]
     result = {}
     for name, settings in CASES.items():  # one proposal group of P = 2
         layout = sampling_layout(ctx, 2, settings.k)
         assert (layout.proposal_size, layout.data_size, layout.writes) == (2, 1, ctx.rank == 0)
-        result[name] = _sample(denoiser, energy, settings, IDS, layout.proposals)
+        result[name] = _sample(denoisers, energy, name, IDS, layout.proposals)
     layout = sampling_layout(ctx, 1, DATA_PARALLEL.k)  # two data-parallel groups of one rank
     assert (layout.proposal_size, layout.data_size, layout.data_rank) == (1, 2, ctx.rank)
     result["data_parallel"] = {ids[0]: sample_batch(denoiser, DATA_PARALLEL, ids, length=LENGTH, mask_id=MASK,
@@ -116,10 +130,10 @@ def _rank_tp2(states):
 
     ctx = init_parallel(load_config(None, ["parallel.tp=2", "train.global_batch=2", "train.micro_batch=2"]))
     assert ctx.tp_size == 2 and ctx.dp_size == 1
-    denoiser, energy = _models(states)  # both models sharded over the two ranks
+    denoisers, energy = _models(states)  # every model sharded over the two ranks
     layout = sampling_layout(ctx, 0, CASES["k4"].k)
     assert (layout.proposal_size, layout.data_size, layout.writes) == (1, 1, ctx.rank == 0)
-    return {name: _sample(denoiser, energy, CASES[name], IDS, layout.proposals) for name in ("k4", "k3_blocks")}
+    return {name: _sample(denoisers, energy, name, IDS, layout.proposals) for name in TP_CASES}
 
 
 def test_proposal_split_and_default_group_size():
@@ -154,6 +168,8 @@ def test_two_ranks_sample_exactly_what_one_rank_samples(states, reference):
     # or broadcast), never by an extension call, exactly as in one process.
     assert reference["k3_blocks"]["prefix_calls"] == 0
     assert [rank["k3_blocks"]["prefix_calls"] for rank in ranks] == [0, 0]
+    # the block-causal denoiser's prefix commits: the same count on every rank as in one process (replicated)
+    assert [rank["k3_block_causal"]["prefix_calls"] for rank in ranks] == [reference["k3_block_causal"]["prefix_calls"]] * 2
     assert len(set(tuple(r["k4"]["hashes"]) for r in ranks)) == 1
     gathered = {**ranks[0]["data_parallel"], **ranks[1]["data_parallel"]}
     assert sorted(gathered) == [0, 2, 4] and sorted(ranks[1]["data_parallel"]) == [2]
@@ -166,6 +182,6 @@ def test_two_ranks_sample_exactly_what_one_rank_samples(states, reference):
 def test_tensor_parallel_models_sample_what_dense_models_sample(states, reference):
     ranks = run_on_ranks(_rank_tp2, 2, states, timeout=240)
     for rank in ranks:
-        for name in ("k4", "k3_blocks"):
+        for name in TP_CASES:
             assert torch.equal(rank[name]["tokens"], reference[name]["tokens"]), name
             assert rank[name]["hashes"] == reference[name]["hashes"], name

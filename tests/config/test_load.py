@@ -40,7 +40,8 @@ def test_preset_fills_model_sizes():
         (["model.block_size=4", "model.time_conditioning=true"], "needs model.time_conditioning=false"),
         (["train.sampling_eps=0.5", "train.sampling_eps_max=0.4"], "train.sampling_eps < train.sampling_eps_max"),
         (["pipeline.block_size=32"], "pipeline.block_size=32 must be 0"),
-        (["pipeline.block_step_counts=[0]"], "pipeline.block_step_counts all >= 1"),
+        (["pipeline.block_step_counts=[0]"], "pipeline.block_step_counts[0] must be >= 1"),
+        (["pipeline.block_size=4", "pipeline.ar_steps=0"], "needs the ar model"),
     ],
 )
 def test_bad_config_gives_one_line_error(overrides, fragment):

@@ -31,7 +31,7 @@ from edlm_dist.artifacts.readers import guarded, load_torch_file, read_meta_json
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError, OutputError
-from edlm_dist.storage.files import remove_quietly, swap_in, write_atomic, write_json_atomic
+from edlm_dist.storage.files import diagnose_write_failure, remove_quietly, swap_in, write_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
@@ -162,7 +162,7 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
         if rank == 0:
             remove_quietly(partial)
         previous = latest_checkpoint(out_dir)
-        reason = _write_reason(error)
+        reason = _write_reason(error, root)
         raise CheckpointError(f"could not write checkpoint step {step} under {root} ({reason}); "
                               f"the previous checkpoint ({previous.name if previous else 'none'}) is kept; "
                               "free disk space or fix permissions, then re-run to resume")
@@ -172,13 +172,16 @@ def save_checkpoint(engine, out_dir: str | os.PathLike, step: int, *, cfg: RunCo
     return final
 
 
-def _write_reason(error: Optional[BaseException]) -> str:
+def _write_reason(error: Optional[BaseException], root: Path) -> str:
     if error is None:
         return "another rank failed to write"
     if isinstance(error, OSError):
         return error.strerror or str(error).splitlines()[0]
     text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return text.split(" (", 1)[-1].split(");")[0] if isinstance(error, OutputError) else text
+    if isinstance(error, OutputError):
+        return text.split(" (", 1)[-1].split(");")[0]
+    cause = diagnose_write_failure(root)  # torch.save turns ENOSPC / EFBIG into a RuntimeError without the errno
+    return f"{cause}; the writer said: {text[:120]}" if cause else text
 
 
 def _prune(root: Path, keep_last: int) -> None:

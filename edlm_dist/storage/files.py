@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import resource
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -45,6 +46,24 @@ def output_error(path: str | os.PathLike, exc: OSError, *, action: str = "write"
     reason = exc.strerror or str(exc) or type(exc).__name__
     fix = FIXES.get(exc.errno or 0, "check the file system")
     return OutputError(f"could not {action} {path} ({reason}); {fix}{'; ' + after if after else ''}")
+
+
+def diagnose_write_failure(folder: str | os.PathLike) -> Optional[str]:
+    """Why a write into ``folder`` failed, read from the file system's state, for writers that lose the
+    operating system's reason (``torch.save`` reports a full disk or a file-size limit as a RuntimeError):
+    a read-only mount, under 1 MiB free, or a finite file-size limit (``ulimit -f``). None if none applies."""
+    try:
+        stat = os.statvfs(folder)
+    except OSError:
+        return None
+    if stat.f_flag & os.ST_RDONLY:
+        return f"{os.strerror(errno.EROFS)}; {FIXES[errno.EROFS]}"
+    if stat.f_bavail * stat.f_frsize < 2**20:
+        return f"{os.strerror(errno.ENOSPC)}; {FIXES[errno.ENOSPC]}"
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:
+        return f"{os.strerror(errno.EFBIG)}: the file-size limit (ulimit -f) is {limit} bytes; raise it"
+    return None
 
 
 def _fsync_folder(folder: Path) -> None:

@@ -409,7 +409,10 @@ FAULTS = [
 
 def all_scenarios() -> list[Scenario]:
     from tests.reliability.bad_inputs import BAD_INPUTS
-    return FAULTS + BAD_INPUTS
+    from tests.reliability.config_and_files import REFUSALS
+    from tests.reliability.run_faults import RUN_FAULTS
+
+    return FAULTS + RUN_FAULTS + BAD_INPUTS + REFUSALS
 
 
 def run_scenario(scenario: Scenario, ws: Workspace) -> tuple[Observation, float]:

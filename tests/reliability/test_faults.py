@@ -34,7 +34,7 @@ def test_scenario(workspace, scenario):
 
 def test_registry_covers_the_issue():
     kinds = Counter(s.kind for s in SCENARIOS)
-    assert kinds["fault"] >= 6 and kinds["bad input"] >= 20 and len(SCENARIOS) >= 26, kinds
+    assert kinds["fault"] >= 30 and kinds["bad input"] >= 60 and len(SCENARIOS) >= 76, kinds  # issue 19
     assert len({s.name for s in SCENARIOS}) == len(SCENARIOS), "scenario names must be unique"
 
 

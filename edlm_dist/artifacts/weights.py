@@ -24,10 +24,10 @@ from edlm_dist.config.schema import RunConfig
 from edlm_dist.data.shards import TOKENIZER_DIR, has_manifest, load_manifest, saved_tokenizer
 from edlm_dist.data.synthetic import SyntheticLanguage, language_from_manifest
 from edlm_dist.data.tokenizers import Tokenizer, tokenizer_from_description
-from edlm_dist.errors import CheckpointError, OutputError
+from edlm_dist.errors import CheckpointError, EdlmError, OutputError
 from edlm_dist.models.build import build_model
 from edlm_dist.parallel.sharded_state import full_tensors, load_full_state_dict
-from edlm_dist.storage.files import remove_quietly, swap_in, write_json_atomic
+from edlm_dist.storage.files import diagnose_write_failure, remove_quietly, swap_in, write_json_atomic
 
 WEIGHTS_DIR = "weights"
 META_FILE = "meta.json"
@@ -62,9 +62,16 @@ def write_weights_folder(target: Path, raw: dict, ema: Optional[dict], meta: dic
             save_file(ema, str(tmp / EMA_FILE))
         write_json_atomic(tmp / META_FILE, {"format_version": FORMAT_VERSION, **meta})
         swap_in(tmp, target)  # the previous weights go only once the new folder is complete
-    except (OSError, OutputError) as exc:
+    except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as SafetensorError, not OSError
         remove_quietly(tmp)
-        reason = exc.strerror if isinstance(exc, OSError) else str(exc).split(" (", 1)[-1].split(");")[0]
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc)
+        elif isinstance(exc, OutputError):
+            reason = str(exc).split(" (", 1)[-1].split(");")[0]
+        elif isinstance(exc, EdlmError):
+            raise
+        else:
+            reason = diagnose_write_failure(target.parent) or f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
         raise CheckpointError(f"could not write weights to {target} ({reason}); free disk space or fix "
                               "permissions (the previous weights, if any, are kept)") from None
     return target

@@ -244,6 +244,32 @@ def real_file_size_limit(ws: Workspace) -> Observation:
     return _train_fault(ws, "fsize", lambda out: {0: file_size_limit(64 * 1024)}, check)
 
 
+def fail_weights_export() -> Inject:
+    """safetensors' writer fails as it does on a full disk: its own error type, not an OSError."""
+
+    def install() -> None:
+        from safetensors import SafetensorError
+
+        from edlm_dist.artifacts import weights
+
+        def full(*args, **kwargs):
+            raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
+                                  '"No space left on device" })')
+
+        weights.save_file = full
+
+    return install
+
+
+def weights_export_failure(ws: Workspace) -> Observation:
+    def check(results: list[ChildResult], out: Path) -> tuple[bool, str]:
+        ok = clear_error(results[0], r"could not write weights to .*weights \(.*No space left on device.*\); free "
+                                     r"disk space") and latest_tag(out) == tag(8)
+        return ok, f"{results[0].describe()}, latest={latest_tag(out)}"
+
+    return _train_fault(ws, "export_full", lambda out: {0: fail_weights_export()}, check)
+
+
 # ------------------------------------------------------------------------------------ 9. loader workers
 def workers_resume(ws: Workspace) -> Observation:
     workers = ("data.num_workers=2",)
@@ -372,6 +398,9 @@ RUN_FAULTS = [
     _fault("file_size_limit_checkpoint", "a real RLIMIT_FSIZE of 64 KiB: the first checkpoint cannot be written",
            "exit 2 `error: could not write checkpoint step 3 (File too large) ... (none) is kept`" + RESUME,
            real_file_size_limit),
+    _fault("disk_full_at_weights_export", "safetensors fails as on a full disk while the final weights are written",
+           "exit 2 `error: could not write weights ... No space left on device`; checkpoint step 8 kept; the re-run "
+           "exports the uninterrupted run's weights bit for bit", weights_export_failure),
     _fault("workers_dropout_resume", "data.num_workers=2 with dropout 0.1: SIGKILL in step 5, resume",
            "the resumed run equals the uninterrupted num_workers=2 run bit for bit", workers_resume),
     _fault("sigterm_while_loading_config", "SIGTERM while `edlm train` reads its config",

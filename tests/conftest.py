@@ -1,12 +1,19 @@
 """Shared test setup: quiet third-party warnings, one thread per process unless OMP_NUM_THREADS says
-otherwise (the portability runs set it to 2 to change reduction orders), `gpu` skipping."""
+otherwise (the portability runs set it to 2 to change reduction orders), `gpu` skipping.
+
+Nothing here may decide for a GPU machine what only a CPU machine wants: DeepSpeed's accelerator is
+chosen by ``edlm_dist.parallel.deepspeed_engine`` from the hardware (never forced to ``cpu``), and the
+CUDA availability check goes through NVML so that it does not initialise CUDA in this process, whose
+forked children (tests/spawn.py ranks) could then not use CUDA ("Cannot re-initialize CUDA in forked
+subprocess").
+"""
 
 from __future__ import annotations
 
 import os
 
+os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # before anything asks torch.cuda.is_available()
 THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,7 +28,7 @@ def pytest_collection_modifyitems(config, items):
         return
     skip_gpu = pytest.mark.skip(reason="needs CUDA (runs on GPU machines)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:  # the marker, not a keyword (a folder named gpu is one)
             item.add_marker(skip_gpu)
 
 
@@ -34,7 +41,8 @@ def _preimport_heavy_modules() -> None:
         warnings.simplefilter("ignore")
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.tensor_parallel  # noqa: F401
-        import deepspeed  # noqa: F401
+
+        import edlm_dist.parallel.deepspeed_engine  # noqa: F401 - sets DS_ACCELERATOR, then imports DeepSpeed
 
 
 _preimport_heavy_modules()

@@ -31,6 +31,7 @@ from edlm_dist.artifacts.readers import guarded, load_torch_file, read_meta_json
 from edlm_dist.config.load import config_from_dict, config_to_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError, OutputError
+from edlm_dist.parallel.collectives import any_rank
 from edlm_dist.storage.files import diagnose_write_failure, remove_quietly, swap_in, write_atomic, write_json_atomic
 
 FORMAT_VERSION = 1
@@ -51,8 +52,15 @@ def model_signature(cfg: RunConfig, kind: str, vocab_size: int) -> dict[str, Any
     return signature
 
 
+def _accelerator() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's default generators; the device-specific ones (CUDA, Megatron's tracker, which holds CPU
+    generator states under the CPU shims) are tagged with the device type they belong to."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "device_type": _accelerator()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     try:
@@ -62,14 +70,19 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> bool:
+    """Restore :func:`rng_state`. The device-specific states are restored only on the device type that wrote
+    them (a CPU state cannot seed a CUDA generator); returns False when they were left at this run's seeding."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if state.get("device_type", "cpu") != _accelerator():
+        return False
+    if "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
     if "megatron" in state:
         get_cuda_rng_tracker().set_states(dict(state["megatron"]))
+    return True
 
 
 def _barrier() -> None:
@@ -79,11 +92,7 @@ def _barrier() -> None:
 
 def _all_ok(ok: bool) -> bool:
     """True only if every rank succeeded (so all ranks agree on raising)."""
-    if not dist.is_initialized():
-        return ok
-    flag = torch.tensor([0 if ok else 1])
-    dist.all_reduce(flag)
-    return flag.item() == 0
+    return not any_rank(not ok)
 
 
 def latest_checkpoint(out_dir: str | os.PathLike) -> Optional[Path]:

@@ -39,9 +39,13 @@ REEXPORT = "re-export them from the training run (`edlm train` again on its --ou
 
 
 def export_weights(module: torch.nn.Module, out_dir: str | os.PathLike, *, ema_shadow: Optional[list] = None,
-                   meta: dict[str, Any], write: bool) -> Path:
-    """Collective over the TP group; the rank with ``write=True`` writes ``OUT/weights``."""
-    raw = full_tensors(module)
+                   meta: dict[str, Any], write: bool, values: Optional[list] = None) -> Path:
+    """Collective over the TP group; the rank with ``write=True`` writes ``OUT/weights``.
+
+    ``values``: the fp32 weights to write instead of the parameters (a bf16 model's fp32 masters), in the
+    order of ``module.named_parameters()``; every tensor is written in fp32, never rounded to bf16 first.
+    """
+    raw = full_tensors(module, values)
     ema = full_tensors(module, ema_shadow) if ema_shadow is not None else None
     target = Path(out_dir) / WEIGHTS_DIR
     if write:

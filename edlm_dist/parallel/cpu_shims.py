@@ -69,7 +69,7 @@ class CpuRNGStatesTracker(CudaRNGStatesTracker):
         if name in self.states_:
             raise Exception(f"rng state {name} already exists")
         self.seeds_.add(seed)
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator(device="cpu").manual_seed(seed)  # CPU shim: the states are CPU states
         self.states_[name] = generator.get_state()
 
     @contextlib.contextmanager

@@ -8,6 +8,7 @@ package asks :class:`ParallelContext` for ranks and groups instead of touching g
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
@@ -26,6 +27,7 @@ from edlm_dist.config.load import validate_world
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import ConfigError
 from edlm_dist.parallel.cpu_shims import apply_cpu_shims
+from edlm_dist.parallel.devices import fork_rng_devices, run_device
 
 
 @dataclass
@@ -119,12 +121,9 @@ def init_parallel(cfg: RunConfig, *, training: bool = True) -> ParallelContext:
     layout = discover_environment()
     backend = choose_backend(cfg.parallel.backend)
     validate_world(cfg, int(layout["world_size"]), training=training)
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(layout["local_rank"]) % torch.cuda.device_count())
-        device = torch.device("cuda", torch.cuda.current_device())
-    else:
+    device = run_device(int(layout["local_rank"]))
+    if device.type == "cpu":
         apply_cpu_shims()
-        device = torch.device("cpu")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend,
@@ -149,17 +148,35 @@ def init_parallel(cfg: RunConfig, *, training: bool = True) -> ParallelContext:
         backend=backend,
     )
     seed_for_rank(cfg.train.seed, ctx)
-    model_parallel_cuda_manual_seed(cfg.train.seed, force_reset_rng=True)
     return ctx
+
+
+def rank_seed(seed: int, ctx: ParallelContext) -> int:
+    """The seed of this DP rank's default generators (shared by the TP ranks of its replica)."""
+    return seed + 1000003 * ctx.dp_rank
 
 
 def seed_for_rank(seed: int, ctx: ParallelContext) -> None:
     """Default generators: one stream per DP rank, identical across the TP ranks of a group.
 
     TP ranks must draw the same noise (t, masks, dropout outside TP regions) because they hold
-    shards of one model replica working on the same micro-batch.
+    shards of one model replica working on the same micro-batch; DP ranks must not, or every replica
+    drops the same units. Megatron's ``model_parallel_cuda_manual_seed`` reseeds the CUDA default
+    generator with the seed it gets, so it gets this rank's seed too (its TP-region stream adds the TP
+    rank on top). On CPU its ``torch.cuda.manual_seed`` is a lazy no-op and the shims keep the
+    TP-region stream on the CPU generator.
     """
-    seed_everything(seed + 1000003 * ctx.dp_rank)
+    seed_everything(rank_seed(seed, ctx))
+    model_parallel_cuda_manual_seed(rank_seed(seed, ctx), force_reset_rng=True)
+
+
+@contextlib.contextmanager
+def identical_on_every_rank(seed: int, device: Optional[torch.device] = None):
+    """Draw from ``seed`` inside (initial weights: the same full model on every rank at any TP degree)
+    and give every default generator its per-rank stream back afterwards (dropout differs across DP)."""
+    with torch.random.fork_rng(devices=fork_rng_devices(device)):
+        torch.manual_seed(seed)
+        yield
 
 
 def data_seed(seed: int, ctx: ParallelContext) -> int:

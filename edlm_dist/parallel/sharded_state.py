@@ -154,10 +154,12 @@ def gathered_parameters(module: torch.nn.Module, modifier_rank=None):
 
 
 def full_tensors(module: torch.nn.Module, local: Optional[list[torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """Full tensors of ``module``'s parameters, or of ``local`` (same order, e.g. an EMA shadow)."""
+    """Full fp32 tensors of ``module``'s parameters, or of ``local`` (same order, e.g. an EMA shadow or the
+    fp32 masters of a bf16 model), gathered in the dtype they have: an fp32 shadow is not rounded to the
+    bf16 of the parameters it belongs to."""
     out = {}
     with gathered_parameters(module):
         for i, (name, param) in enumerate(module.named_parameters()):
             value = param.detach() if local is None else local[i]
-            out[name] = gather_full_tensor(param, value.to(param.dtype), None).float().cpu().contiguous()
+            out[name] = gather_full_tensor(param, value, None).float().cpu().contiguous()
     return out

@@ -36,28 +36,21 @@ from edlm_dist.data.locations import retry_policy
 from edlm_dist.data.shards import validate_dataset
 from edlm_dist.errors import REQUEUE_EXIT_CODE, CheckpointError, ConfigError, TrainingError
 from edlm_dist.models.build import count_parameters, estimate_memory, flops_per_token
-from edlm_dist.parallel.deepspeed_engine import build_engine, resolve_precision
-from edlm_dist.parallel.runtime import ParallelContext, data_seed, init_parallel, shutdown_parallel
+from edlm_dist.parallel.collectives import all_reduce_values, max_over_ranks
+from edlm_dist.parallel.deepspeed_engine import build_engine, fp32_master_params, resolve_precision
+from edlm_dist.parallel.devices import device_generator, fork_rng_devices, generator_state, restore_generator
+from edlm_dist.parallel.runtime import (ParallelContext, data_seed, identical_on_every_rank, init_parallel,
+                                        shutdown_parallel)
 from edlm_dist.preemption import PREEMPTION_SIGNALS, Preempted  # noqa: F401 (launchers import them from here)
 from edlm_dist.parallel.sharded_state import gathered_parameters, grad_norm
 from edlm_dist.training.ema import EMA
 from edlm_dist.training.metrics_logger import MetricsLogger, console_logger, plot_loss_curve, progress_line
+from edlm_dist.training.peak_flops import Peak, peak_for_device_name
 from edlm_dist.training.objective_steps import Objective, build_objective
 from edlm_dist.training.resume import APPLIED, UNUSED, apply_hyperparameters, review_changes
 from edlm_dist.training.safety import check_loss, divergence_limit, nonfinite_state
 
 VALIDATION_SEED = 123457  # validation noise is fixed and separate from the training streams
-
-
-# Dense bf16 datasheet peaks (TFLOP/s) for the MFU figure in the logs on GPU.
-DATASHEET_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0}
-
-
-def datasheet_peak_tflops() -> float | None:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in DATASHEET_BF16_TFLOPS.items() if key in name), None)
 
 
 def load_data_description(cfg: RunConfig) -> dict:
@@ -98,16 +91,17 @@ class Trainer:
         self.vocab_size = int(self.manifest["vocab_size"])
         self.mask_id = int(tokenizer["mask_id"])
         self.precision = resolve_precision(cfg.train.precision)
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank, any TP degree
-        self.objective: Objective = build_objective(cfg, self.vocab_size, self.mask_id, self.ctx.tp_size,
-                                                    self.ctx.device)
+        with identical_on_every_rank(cfg.train.seed, self.ctx.device):  # same initial weights at any TP degree;
+            self.objective: Objective = build_objective(cfg, self.vocab_size, self.mask_id, self.ctx.tp_size,
+                                                        self.ctx.device)  # dropout streams stay per DP rank
         self._log_plan()
-        self.engine, self.optimizer, self.scheduler = build_engine(self.objective.module, cfg, self.ctx.dp_size)
-        with gathered_parameters(self.engine.module):  # ZeRO-3 partitions parameters: the shadow needs full tensors
-            self.ema = EMA(list(self.engine.module.parameters()), cfg.train.ema)
+        self.engine, self.optimizer, self.scheduler = build_engine(self.objective.module, cfg, self.ctx.dp_size,
+                                                                   device=self.ctx.device)
+        with self._fp32_weights() as values:  # the fp32 masters in bf16, whole tensors under ZeRO-3
+            self.ema = EMA(list(self.engine.module.parameters()), cfg.train.ema, values=values)
         self._stop_point("after building the model")
         self.loader = self._build_loader()
-        self.noise = torch.Generator().manual_seed(data_seed(cfg.train.seed, self.ctx))
+        self.noise = device_generator(self.ctx.device, data_seed(cfg.train.seed, self.ctx))
         self._grad_norm = float("nan")
         self.divergence_limit = divergence_limit(cfg.train, self.vocab_size)
         self._warned_divergence = False
@@ -133,6 +127,11 @@ class Trainer:
         self.log.info("objective=%s model=%s params=%s tp=%d dp=%d zero=%d precision=%s est. memory/rank=%.1f MiB",
                       t.objective, self.objective.model_kind, f"{n_params:,}", self.ctx.tp_size, self.ctx.dp_size,
                       t.zero_stage, self.precision, total / 2**20)
+        if self.ctx.device.type == "cuda":
+            peak = self._peak()
+            self.log.info("MFU against %s", f"the {peak.label} peak, {peak.tflops:g} TFLOP/s bf16 dense" if peak
+                          else f"nothing: {torch.cuda.get_device_name(self.ctx.device)} is not in the peak table "
+                          "(edlm_dist/training/peak_flops.py)")
 
     def resume_if_possible(self) -> bool:
         path = ckpt.latest_checkpoint(self.out)
@@ -145,7 +144,9 @@ class Trainer:
                                                  tp_rank=self.ctx.tp_rank, dp_rank=self.ctx.dp_rank)
         self.step = int(extras["step"])
         self.loader.load_state_dict(extras["loader"])
-        self.noise.set_state(extras["noise"])
+        if not restore_generator(self.noise, extras["noise"], reseed=data_seed(self.cfg.train.seed, self.ctx) + self.step):
+            self.log.warning("checkpoint %s was written on another device type: the training noise stream is "
+                             "reseeded from (seed, step) (weights, optimizer, EMA and data order resume exactly)", path)
         if ema_state is not None:
             guarded(lambda: self.ema.load_state_dict(ema_state), what=f"the EMA state in {path} does not fit the model",
                     fix=ckpt.EARLIER)
@@ -171,7 +172,7 @@ class Trainer:
         if bad:  # never write (nor name as good) a state that holds NaN/Inf
             raise TrainingError(f"the training state at step {self.step} holds NaN/Inf ({bad}); it was not saved; "
                                 f"last good checkpoint: {self._last_good()}; lower train.lr or check the data")
-        extras = {"step": self.step, "loader": self.loader.state_dict(), "noise": self.noise.get_state()}
+        extras = {"step": self.step, "loader": self.loader.state_dict(), "noise": generator_state(self.noise)}
         return ckpt.save_checkpoint(self.engine, self.out, self.step, cfg=self.cfg, signature=self.signature,
                                     extras=extras, ema_state=self.ema.state_dict() if self.ema.enabled else None,
                                     tp_rank=self.ctx.tp_rank, dp_rank=self.ctx.dp_rank,
@@ -184,10 +185,8 @@ class Trainer:
         preemption.install()
 
     def _preemption_requested(self) -> int:
-        flag = torch.tensor([float(preemption.received())])
-        if dist.is_initialized():  # all ranks stop at the same step even if only one got the signal
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return int(flag.item())
+        # all ranks stop at the same step even if only one got the signal
+        return int(max_over_ranks(preemption.received()))
 
     def _last_good(self) -> str:
         """The latest checkpoint: good by construction (a state is checked finite before it is written)."""
@@ -296,11 +295,27 @@ class Trainer:
         self.log.info("weights: %s (EMA: %s)  metrics: %s  loss curve: %s", weights,
                       "yes" if self.ema.enabled else "no", self.metrics.path, curve)
 
+    @contextlib.contextmanager
+    def _fp32_weights(self):
+        """The fp32 value of every trainable parameter (the EMA's source): DeepSpeed's fp32 masters in bf16
+        (a collective), the parameters themselves in fp32, gathered whole under ZeRO-3."""
+        if self.engine.bfloat16_enabled():
+            yield fp32_master_params(self.engine)
+        else:
+            with gathered_parameters(self.engine.module):
+                yield fp32_master_params(self.engine)
+
     def _update_ema(self) -> None:
         if not self.ema.enabled:
             return
-        with gathered_parameters(self.engine.module):
-            self.ema.update()
+        with self._fp32_weights() as values:
+            self.ema.update(values)
+
+    def _peak(self) -> Optional[Peak]:
+        """The datasheet peak MFU is measured against (None on CPU or an unknown GPU: no MFU then)."""
+        if self.ctx.device.type != "cuda":
+            return None
+        return peak_for_device_name(torch.cuda.get_device_name(self.ctx.device))
 
     def _step_metrics(self, loss: torch.Tensor, seconds: float, tokens_per_step: int) -> dict:
         tokens_per_s = tokens_per_step / seconds
@@ -316,9 +331,9 @@ class Trainer:
             "achieved_tflops": tokens_per_s * flops / 1e12,
             "step_seconds": seconds,
         }
-        peak = datasheet_peak_tflops()
-        if peak:  # per-GPU model FLOPs utilisation against the datasheet bf16 peak
-            metrics["mfu"] = metrics["achieved_tflops"] / (peak * self.ctx.world_size)
+        peak = self._peak()
+        if peak is not None:  # per-GPU model FLOPs utilisation against the card's datasheet bf16 peak
+            metrics["mfu"] = metrics["achieved_tflops"] / (peak.tflops * self.ctx.world_size)
         return metrics
 
     @torch.no_grad()
@@ -329,29 +344,29 @@ class Trainer:
         loader = build_eval_loader(cfg.data.dir, "valid", micro_batch=cfg.train.micro_batch, dp_rank=self.ctx.dp_rank,
                                    dp_world=self.ctx.dp_size, max_rows=max_rows, manifest=self.manifest,
                                    retry=retry_policy(cfg.data))
-        generator = torch.Generator().manual_seed(VALIDATION_SEED + self.ctx.dp_rank)
-        total = torch.zeros(2, dtype=torch.float64)
-        cpu_state = torch.get_rng_state()
+        generator = device_generator(self.ctx.device, VALIDATION_SEED + self.ctx.dp_rank)
+        total = torch.zeros(2, dtype=torch.float64, device=self.ctx.device)  # summed on the device: no sync per batch
         self.engine.eval()
-        try:
-            with self.ema.swap_in(lambda: gathered_parameters(self.engine.module, modifier_rank=0)):
+        try:  # the default generators (dropout streams) continue as if validation never ran
+            with torch.random.fork_rng(devices=fork_rng_devices(self.ctx.device)), \
+                    self.ema.swap_in(lambda: gathered_parameters(self.engine.module, modifier_rank=0)):
                 for batch in loader:
                     with _autocast(self.precision, self.ctx.device):
                         loss, _ = self.objective.validation_loss(self.engine.module, batch.to(self.ctx.device), generator)
-                    total += torch.tensor([loss.item() * batch.shape[0], batch.shape[0]], dtype=torch.float64)
+                    total[0] += loss.detach().double() * batch.shape[0]
+                    total[1] += batch.shape[0]
         finally:
             self.engine.train()
-            torch.set_rng_state(cpu_state)
-        if dist.is_initialized():
-            dist.all_reduce(total, group=self.ctx.dp_group)
-        return (total[0] / total[1].clamp(min=1)).item()
+        loss_sum, rows = all_reduce_values(total.tolist(), self.ctx.dp_group)
+        return loss_sum / max(rows, 1.0)
 
     def export(self) -> Path:
         meta = weights_meta(self.cfg, kind=self.objective.model_kind, vocab_size=self.vocab_size, step=self.step,
                             tokenizer=self.tokenizer_info, extra={"data_dir": str(self.cfg.data.dir)})
         shadow = self.ema.shadow if self.ema.enabled else None
         write = self.ctx.tp_rank == 0 and self.ctx.dp_rank == 0
-        path = export_weights(self.engine.module, self.out, ema_shadow=shadow, meta=meta, write=write)
+        masters = fp32_master_params(self.engine) if self.engine.bfloat16_enabled() else None  # not bf16-rounded
+        path = export_weights(self.engine.module, self.out, ema_shadow=shadow, meta=meta, write=write, values=masters)
         if dist.is_initialized():
             dist.barrier()
         return path

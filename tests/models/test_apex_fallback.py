@@ -12,7 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edlm_dist.config.schema import TrainConfig
 from edlm_dist.models import layers
+from edlm_dist.parallel.deepspeed_engine import build_optimizer
 
 
 @pytest.fixture
@@ -50,3 +52,9 @@ def test_layer_norm_uses_apex_when_its_extension_imports(apex_without_extensions
     monkeypatch.setitem(sys.modules, "fused_layer_norm_cuda", types.ModuleType("fused_layer_norm_cuda"))
     assert layers.LayerNorm(8, use_apex=True)._apex is sys.modules["apex.normalization.fused_layer_norm"].fused_layer_norm
 
+
+def test_fused_adam_without_extensions_falls_back_to_adamw(apex_without_extensions, caplog):
+    params = [torch.nn.Parameter(torch.ones(3))]
+    optimizer = build_optimizer(params, TrainConfig(), use_apex=True, device=torch.device("cuda", 0))
+    assert type(optimizer) is torch.optim.AdamW
+    assert "apex FusedAdam is not usable (apex.optimizers.FusedAdam requires cuda extensions)" in caplog.text

@@ -102,14 +102,14 @@ def warm_imports() -> None:
     import warnings
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")  # the forked children may still use CUDA
     os.environ.setdefault("WANDB_MODE", "disabled")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import torch
 
         torch.set_num_threads(1)
-        import deepspeed  # noqa: F401  (imported for the children's sake)
+        import edlm_dist.parallel.deepspeed_engine  # noqa: F401  (DeepSpeed on the right accelerator, for the children)
         import megatron.core.parallel_state  # noqa: F401
         import megatron.core.tensor_parallel  # noqa: F401
 

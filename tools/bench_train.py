@@ -5,7 +5,8 @@ DeepSpeed ZeRO-1/2/3 step time relative to plain PyTorch DDP on 2 ranks.
     python -m tools.bench_train --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8   # on a GPU
 
 On CUDA the achieved FLOP/s is also reported as MFU against the GPU's datasheet bf16 peak
-(``--peak-tflops``, default 989 for H100 SXM). Prints figures; tests never time things.
+(``--peak-tflops``; default: the card's entry in edlm_dist/training/peak_flops.py, named in the
+output). Prints figures; tests never time things.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from edlm_dist.models.build import build_model, flops_per_token
 from edlm_dist.objectives.losses import mdlm_loss
 from edlm_dist.objectives.schedule import LogLinearSchedule, mask_tokens, sample_times
 from edlm_dist.parallel.deepspeed_engine import build_engine
+from edlm_dist.parallel.devices import device_generator
 from edlm_dist.parallel.runtime import init_parallel
+from edlm_dist.training.peak_flops import peak_for_device_name
 from tests.spawn import run_on_ranks
 
 
@@ -94,7 +97,11 @@ def single_process(args) -> dict:
     out = {"device": str(device), "threads": torch.get_num_threads(), "step_s": step, "tokens_per_s": tokens / step,
            "achieved_gflops": flops / 1e9, "matmul_peak_gflops": peak / 1e9, "fraction_of_matmul_peak": flops / peak}
     if device.type == "cuda":
-        out["mfu_vs_datasheet"] = flops / (args.peak_tflops * 1e12)
+        known = peak_for_device_name(torch.cuda.get_device_name(device))
+        peak_tflops = args.peak_tflops or (known.tflops if known else None)
+        if peak_tflops:
+            out["mfu_vs_datasheet"] = flops / (peak_tflops * 1e12)
+            out["datasheet_peak"] = f"{peak_tflops:g} TFLOP/s ({'--peak-tflops' if args.peak_tflops else known.label})"
     return out
 
 
@@ -106,20 +113,21 @@ def _ranked_step_time(args, mode: str) -> list[float]:
     cfg = _config(args, [f"train.zero_stage={stage}", "train.grad_clip=0"])
     ctx = init_parallel(cfg)
     torch.manual_seed(0)
-    model = build_model("dit", cfg.model, VOCAB, args.seq_len)
+    model = build_model("dit", cfg.model, VOCAB, args.seq_len, device=ctx.device)
     if mode == "ddp":
-        engine = torch.nn.parallel.DistributedDataParallel(model)
+        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+        engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     else:
-        engine, optimizer, _ = build_engine(model, cfg, ctx.dp_size)
+        engine, optimizer, _ = build_engine(model, cfg, ctx.dp_size, device=ctx.device)
     schedule = LogLinearSchedule()
-    generator = torch.Generator().manual_seed(ctx.rank)
-    batch = torch.randint(0, VOCAB - 1, (args.batch, args.seq_len))
+    generator = device_generator(ctx.device, ctx.rank)  # draws noise on the rank's device
+    batch = torch.randint(0, VOCAB - 1, (args.batch, args.seq_len)).to(ctx.device)
     times = []
     for i in range(args.warmup + args.steps):
         dist.barrier()
         start = time.perf_counter()
-        loss = _step_fn(engine, batch, schedule, generator, torch.autocast("cpu", enabled=False))
+        loss = _step_fn(engine, batch, schedule, generator, torch.autocast(ctx.device.type, enabled=False))
         if mode == "ddp":
             loss.backward()
             optimizer.step()
@@ -157,7 +165,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--world", type=int, default=2)
     parser.add_argument("--matmul-size", type=int, default=1024)
-    parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-zero", action="store_true")
     args = parser.parse_args()
     one = single_process(args)

@@ -43,10 +43,12 @@ from edlm_dist.evaluation.likelihood import (
     likelihood_batch_terms,
     summarize_likelihood,
 )
+from edlm_dist.evaluation.ngram_judge import KneserNeyJudge
 from edlm_dist.evaluation.report import write_outputs
 from edlm_dist.evaluation.sample_metrics import (
     ExactSyntheticOracle,
     HFOracle,
+    Oracle,
     compare_at_equal_steps,
     data_reference,
     file_metrics,
@@ -208,17 +210,28 @@ def run_likelihood(cfg: RunConfig, plan: EvalPlan, ctx) -> dict:
 
 
 # -------------------------------------------------------------------------------- sample files
-def _build_oracle(cfg: RunConfig, plan: EvalPlan, ctx, tokenizer):
-    if "genppl" not in plan.metrics:
-        return None, None
-    if cfg.eval.oracle == "exact":
-        language = exact_language(plan.data_dir)
-        return ExactSyntheticOracle(language), language
-    if cfg.eval.oracle == "ngram":
-        return fit_ngram_judge(plan.data_dir, cfg.eval.judge_order), None
-    warn_if_judge_is_not_independent(cfg.eval.oracle, plan.checkpoints, plan.data_dir)
-    oracle = HFOracle(cfg.eval.oracle, device=ctx.device, batch_size=cfg.eval.oracle_batch_size, tokenizer=tokenizer)
-    return oracle, None
+def build_judge(oracle: str, data_dir: str | os.PathLike, *, judge_order: int, batch_size: int,
+                checkpoints: dict, device: torch.device | str = "cpu", tokenizer=None) -> tuple[Oracle, str]:
+    """The Gen-PPL judge ``eval.oracle`` names, and its description for reports (``edlm eval`` and the pipeline).
+
+    ``exact``: the synthetic language that generated ``data_dir`` (ConfigError for other data); ``ngram``: a
+    Kneser-Ney model fitted on the validation split only; else a local HF causal LM folder, with a warning when
+    it is EDLM's own AR energy or saw the models' training text (``checkpoints``: the runs being judged).
+    """
+    if oracle == "exact":
+        return ExactSyntheticOracle(exact_language(data_dir)), "the exact language (synthetic data)"
+    if oracle == "ngram":
+        judge = fit_ngram_judge(data_dir, judge_order)
+        return judge, (f"a Kneser-Ney {judge.order}-gram fitted on the validation split only "
+                       f"({judge.fitted_tokens:,} tokens no model trained on)")
+    warn_if_judge_is_not_independent(oracle, checkpoints, str(data_dir))
+    return HFOracle(oracle, device=device, batch_size=batch_size, tokenizer=tokenizer), oracle
+
+
+def reference_split(oracle: Optional[Oracle]) -> str:
+    """The split of the data's own reference rows: rows the judge never saw. The n-gram judge was fitted on the
+    validation rows, so its reference comes from training rows; every other judge gets the validation rows."""
+    return "train" if isinstance(oracle, KneserNeyJudge) else "valid"
 
 
 def warn_if_judge_is_not_independent(oracle: str, checkpoints: dict, data_dir: Optional[str]) -> Optional[str]:
@@ -247,7 +260,11 @@ def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict],
     against MDLM at equal steps (Gen PPL ratios, Holm-corrected; empty without an oracle or MDLM files)."""
     manifest = load_manifest(plan.data_dir) if plan.data_dir else None
     tokenizer = saved_tokenizer(plan.data_dir, manifest) if manifest is not None else None
-    oracle, language = _build_oracle(cfg, plan, ctx, tokenizer)
+    oracle = None
+    if "genppl" in plan.metrics:
+        oracle, _ = build_judge(cfg.eval.oracle, plan.data_dir, judge_order=cfg.eval.judge_order,
+                                batch_size=cfg.eval.oracle_batch_size, checkpoints=plan.checkpoints,
+                                device=ctx.device, tokenizer=tokenizer)
     entropy = "entropy" in plan.metrics
     # Samples are split over every rank (TP peers too): the oracle is not tensor-parallel.
     split = dict(dp_rank=ctx.rank, dp_size=ctx.world_size, dp_group=None, device=ctx.device)
@@ -263,10 +280,8 @@ def run_sample_metrics(cfg: RunConfig, plan: EvalPlan, ctx) -> tuple[list[dict],
     reference = None
     if manifest is not None and results:
         num_rows = max(r["num_samples"] for r in results)
-        # The n-gram judge was fitted on the validation rows: the data's reference comes from unseen training rows.
-        split_name = "train" if cfg.eval.oracle == "ngram" else "valid"
         reference = data_reference(plan.data_dir, oracle, entropy=entropy, num_rows=num_rows, tokenizer=tokenizer,
-                                   language=language, split=split_name, **split)
+                                   language=getattr(oracle, "language", None), split=reference_split(oracle), **split)
     return results, reference, comparisons
 
 

@@ -37,18 +37,16 @@ from edlm_dist.data.shards import has_manifest, load_manifest, saved_tokenizer, 
 from edlm_dist.errors import ConfigError
 from edlm_dist.evaluation.report import write_pipeline_report
 from edlm_dist.evaluation.run import (
-    exact_language,
+    build_judge,
     likelihood_metrics,
     load_likelihood_models,
-    warn_if_judge_is_not_independent,
+    reference_split,
 )
 from edlm_dist.evaluation.sample_metrics import (
     ExactSyntheticOracle,
-    HFOracle,
     SampleScores,
     compare_at_equal_steps,
     data_reference,
-    fit_ngram_judge,
     score_sample_file,
 )
 from edlm_dist.parallel.runtime import init_parallel
@@ -63,6 +61,7 @@ RESULTS_FILE, LIKELIHOOD_FILE = "results.json", "likelihood.json"
 RUN_NAMES = ("mdlm", "ar", "nce")  # the trained models' folders under OUT
 
 SAMPLES_REPORT = "samples.md"
+SPLIT_ROWS = {"train": "training rows", "valid": "validation rows"}
 METHODS = {  # name -> (sampler, energy)
     "mdlm": ("mdlm", None),
     "edlm-ar": ("edlm", "ar"),
@@ -152,21 +151,16 @@ def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, 
     return run_sampling(stage, folder)
 
 
-def pipeline_judge(cfg: RunConfig, data_dir: str) -> tuple[Any, str]:
-    """The Gen-PPL judge and its description: the exact language on synthetic data; on real text the
-    Kneser-Ney n-gram fitted on the validation split (``eval.oracle`` exact or ngram), or an HF causal LM."""
-    synthetic = load_manifest(data_dir)["source"].get("name") == "synthetic"
+def pipeline_judge(cfg: RunConfig, data_dir: str, out: Path, device) -> tuple[Any, str]:
+    """The Gen-PPL judge of ``eval.oracle`` (evaluation.run.build_judge) and its description. Real text has no
+    exact language: ``exact`` there means the n-gram judge fitted on the held-out text."""
     oracle = cfg.eval.oracle
-    if oracle == "exact" and synthetic:
-        return ExactSyntheticOracle(exact_language(data_dir)), "the exact language (synthetic data)"
-    if oracle in ("exact", "ngram"):
-        if oracle == "exact":
-            log.info("judge: real text has no exact oracle; using the n-gram judge fitted on held-out text")
-        judge = fit_ngram_judge(data_dir, cfg.eval.judge_order)
-        return judge, (f"a Kneser-Ney {judge.order}-gram fitted on the validation split only "
-                       f"({judge.fitted_tokens:,} tokens no model trained on)")
-    warn_if_judge_is_not_independent(oracle, {"ar": str(Path(data_dir).parent / "ar")}, data_dir)
-    return HFOracle(oracle, batch_size=cfg.eval.oracle_batch_size, tokenizer=saved_tokenizer(data_dir)), oracle
+    if oracle == "exact" and load_manifest(data_dir)["source"].get("name") != "synthetic":
+        log.info("judge: real text has no exact oracle; using the n-gram judge fitted on held-out text")
+        oracle = "ngram"
+    ours = {"ar": str(out / "ar")} if trained_step(out / "ar") is not None else {}  # for the circularity warning
+    return build_judge(oracle, data_dir, judge_order=cfg.eval.judge_order, batch_size=cfg.eval.oracle_batch_size,
+                       checkpoints=ours, device=device, tokenizer=saved_tokenizer(data_dir))
 
 
 def sample_metrics(folder: Path, oracle: Any) -> tuple[dict, SampleScores]:
@@ -183,17 +177,17 @@ def sample_metrics(folder: Path, oracle: Any) -> tuple[dict, SampleScores]:
 
 def data_values(cfg: RunConfig, data_dir: str, oracle: Any) -> dict:
     """The data's own values. Synthetic: the exact entropy rate as Gen PPL, entropy of validation rows.
-    Real text: training rows under the judge (fitted on the validation rows, so these are unseen by it)."""
+    Real text: rows the judge never saw (evaluation.run.reference_split) under the judge."""
+    split = reference_split(oracle)
+    ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples, split=split,
+                         language=getattr(oracle, "language", None))
     if isinstance(oracle, ExactSyntheticOracle):
-        ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples,
-                             language=oracle.language)
         return {"gen_ppl": ref["entropy_rate_ppl"], "nll_per_token": ref["entropy_rate_nats"],
                 "nll_per_token_stderr": ref["entropy_rate_stderr"], "entropy": ref["entropy_bits"],
                 "entropy_interval": ref["entropy_bits_interval"]}
-    ref = data_reference(data_dir, oracle, entropy=True, num_rows=cfg.pipeline.num_samples, split="train")
     return {"gen_ppl": ref["gen_ppl"], "gen_ppl_interval": ref["gen_ppl_interval"], "nll_per_token": ref["nll_per_token"],
             "nll_per_token_stderr": ref["nll_per_token_stderr"], "entropy": ref["entropy_bits"],
-            "entropy_interval": ref["entropy_bits_interval"]}
+            "entropy_interval": ref["entropy_bits_interval"], "split": split}
 
 
 def write_decoded_samples(cfg: RunConfig, out: Path, per_method: int = 3) -> Path:
@@ -255,7 +249,7 @@ def report(cfg: RunConfig, out: Path, results: dict) -> None:
              f"EDLM vs MDLM on real text ({load_manifest(results['data_dir'])['source'].get('name')}), independent judge")
     methods = list(cfg.pipeline.methods) + (list(BLOCK_METHODS) if cfg.pipeline.block_size else [])
     write_pipeline_report(results, methods, out, settings_line, title=title,
-                          data_label="data (exact)" if exact else "real text (training rows)",
+                          data_label="data (exact)" if exact else f"real text ({SPLIT_ROWS[results['data']['split']]})",
                           extra_lines=block_report_lines(cfg, results))
 
 
@@ -263,10 +257,10 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out)
-    init_parallel(cfg)
+    ctx = init_parallel(cfg)
     p = cfg.pipeline
     data_dir = prepare_stage(cfg, out)
-    oracle, judge = pipeline_judge(cfg, data_dir)
+    oracle, judge = pipeline_judge(cfg, data_dir, out, ctx.device)
     if "edlm-oracle" in p.methods and not isinstance(oracle, ExactSyntheticOracle):
         raise ConfigError("pipeline.methods has edlm-oracle, which needs the synthetic language's exact energy; "
                           "drop it for real text")

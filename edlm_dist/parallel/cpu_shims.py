@@ -8,12 +8,19 @@ They are applied only when ``torch.cuda.is_available()`` is false, and only once
 2. Megatron's RNG tracker saves and restores CUDA generator state; on CPU it must fork the CPU
    generator instead, so TP-region dropout gets its own stream and activation recompute is exact.
 3. ``get_default_causal_mask`` hard-codes ``device="cuda"``; we rebuild it on the CPU.
+4. DeepSpeed's CPU communication backend JIT-compiles its shared-memory all-reduce op at start-up. Only
+   ``inference_all_reduce`` (DeepSpeed-inference tensor parallelism, never used here) calls it, yet the
+   compile takes minutes on 2 cores under a lock file in ``~/.cache/torch_extensions`` that every Python
+   environment on the machine shares: a build from another venv, or one killed mid-way (a lock left
+   behind), made every DeepSpeed start wait. Without the op, DeepSpeed falls back to the process group's
+   all-reduce, which is what training calls anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 
 import torch
 from megatron.core.tensor_parallel import random as mp_random
@@ -25,6 +32,8 @@ try:
 except ImportError:  # fusions are optional in some Megatron builds
     fused_softmax = None
 
+# by module name: the package attribute `deepspeed.comm.torch` is the torch library, not this module
+ds_torch_comm = importlib.import_module("deepspeed.comm.torch")
 _APPLIED = False
 
 
@@ -52,6 +61,7 @@ def apply_cpu_shims() -> bool:
     mp_utils.get_default_causal_mask = cpu_causal_mask
     if fused_softmax is not None:
         fused_softmax.get_default_causal_mask = cpu_causal_mask
+    ds_torch_comm.build_shm_op = lambda: None  # read at DeepSpeed's backend creation
     _APPLIED = True
     return True
 

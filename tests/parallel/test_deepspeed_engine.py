@@ -81,3 +81,19 @@ def test_zero_matches_plain_adamw(stage):
         for got, want in zip(rank_params, expected):
             # ZeRO all-reduces half-batch gradients and updates flat partitions: another order, STEPS times
             assert_close_across(got, want, dtype=torch.float32, reduction_size=STEPS * STEP_N)
+
+
+def _shm_op_of_the_backend():
+    from deepspeed.comm import comm as ds_comm
+
+    from edlm_dist.parallel.deepspeed_engine import build_engine
+    from edlm_dist.parallel.runtime import init_parallel
+
+    cfg = load_config(None, _overrides(1))
+    build_engine(_model(), cfg, init_parallel(cfg).dp_size)
+    return ds_comm.cdb.shm_comm_op
+
+
+def test_deepspeed_starts_without_compiling_its_cpu_shared_memory_op():
+    # cpu_shims item 4: the op is never used by training, and its JIT build stalled every DeepSpeed start
+    assert run_on_ranks(_shm_op_of_the_backend, 1) == [None]

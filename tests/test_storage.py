@@ -224,3 +224,12 @@ def test_no_module_outside_storage_writes_in_place():
                     found.add((rel, "open"))
     assert found - BUILT_ASIDE - {("data/prepare.py", "open")} == set()  # prepare's spill file is scratch
     assert BUILT_ASIDE <= found  # the scan sees the writes it is told about (it is not vacuous)
+
+
+def test_a_refused_command_leaves_no_output_folder_behind(tmp_path):
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "run", tmp_path / "kept"):
+        with pytest.raises(DataError):
+            with claim_output(out, "edlm eval"):
+                raise DataError("refused input")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())

@@ -206,13 +206,32 @@ def global_rank() -> int:
 @contextlib.contextmanager
 def claim_output(folder: str | os.PathLike, command: Optional[str] = None, *, flag: str = "--out",
                  lock: bool = True) -> Iterator[Path]:
-    """Check ``folder`` and hold its lock (global rank 0 only) until the block ends."""
+    """Check ``folder`` and hold its lock (global rank 0 only) until the block ends. A command that fails
+    leaves no trace of the folders this created for it (a refused input writes nothing)."""
+    created = _missing_folders(Path(folder))
     path = check_output_folder(folder, flag=flag)
-    if not lock or global_rank() != 0:
-        yield path
-        return
-    held = OutputLock(path, command or shlex.join(["edlm", *sys.argv[1:]])).acquire()
     try:
-        yield path
-    finally:
-        held.release()
+        if not lock or global_rank() != 0:
+            yield path
+            return
+        held = OutputLock(path, command or shlex.join(["edlm", *sys.argv[1:]])).acquire()
+        try:
+            yield path
+        finally:
+            held.release()
+    except BaseException:
+        for made in created:  # deepest first; a folder that holds anything stays
+            try:
+                made.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing

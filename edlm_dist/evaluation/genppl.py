@@ -115,10 +115,16 @@ def check_oracle_location(path_or_name: str) -> None:
 class HFCausalLMOracle:
     """A local (or hub) HF causal LM and its tokenizer that scores text for Gen PPL (spec §7.1).
 
-    Scoring follows MDLM: retokenise without adding BOS, truncate to `max_length` (default: the
-    oracle context), pad with pad := eos, split into chunks of the oracle context, first token of
-    each chunk unscored, weights from `genppl_token_weights`, batches of `batch_size`, fp32, eval.
-    Decision: `add_special_tokens=False` for every tokenizer, so Llama oracles get no BOS either.
+    Scoring follows MDLM for texts that fit the oracle context: retokenise without adding BOS, pad
+    with pad := eos, first token unscored, weights from `genppl_token_weights`, batches of
+    `batch_size`, fp32, eval. Decision: `add_special_tokens=False` for every tokenizer, so Llama
+    oracles get no BOS either.
+
+    Longer texts (semi-autoregressive samples) are scored whole, with no post-processing: MDLM
+    truncates them to the context, or cuts them into chunks whose first token is never scored; here a
+    sliding window advances by half the context, every token after the first is scored exactly once,
+    with at least half a context before it (:func:`sliding_windows`). The EOS weights are those of the
+    whole text (only its first EOS counts). ``max_length`` truncates first when given (None: whole text).
     """
 
     def __init__(self, path_or_name: str, *, device: str | torch.device = "cpu", batch_size: int = 8,
@@ -145,7 +151,7 @@ class HFCausalLMOracle:
         self.model.to(self.device).eval()
         config = self.model.config
         self.context = int(getattr(config, "n_positions", None) or config.max_position_embeddings)
-        self.max_length = int(max_length) if max_length is not None else self.context
+        self.max_length = int(max_length) if max_length is not None else None
         self.batch_size = int(batch_size)
 
     @torch.no_grad()
@@ -157,23 +163,35 @@ class HFCausalLMOracle:
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
                 list(texts[start:start + self.batch_size]), return_tensors="pt", padding=True,
-                truncation=True, max_length=self.max_length, add_special_tokens=False,
+                truncation=self.max_length is not None, max_length=self.max_length, add_special_tokens=False,
             )
             ids = batch["input_ids"].to(self.device)
             mask = batch["attention_mask"].to(self.device)
             rows = slice(start, start + ids.shape[0])
-            for lo in range(0, ids.shape[1], self.context):
-                chunk_ids, chunk_mask = ids[:, lo:lo + self.context], mask[:, lo:lo + self.context]
-                if chunk_ids.shape[1] < 2:
-                    continue  # a 1-token chunk has no target
-                logits = self.model(input_ids=chunk_ids, attention_mask=chunk_mask).logits
-                nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), chunk_ids[:, 1:], reduction="none")
-                weights = genppl_token_weights(chunk_ids, chunk_mask, eos_id).to(torch.float64)
-                nll_sums[rows] += (nll.to(torch.float64) * weights).sum(-1).cpu()
-                weight_sums[rows] += weights.sum(-1).cpu()
+            weights = genppl_token_weights(ids, mask, eos_id).to(torch.float64)  # targets 1..N-1, whole text
+            for lo, first, hi in sliding_windows(ids.shape[1], self.context):
+                logits = self.model(input_ids=ids[:, lo:hi], attention_mask=mask[:, lo:hi]).logits
+                # Targets first..hi-1 are predicted by the logits at positions first-1..hi-2.
+                scored = logits[:, first - 1 - lo : hi - 1 - lo].float()
+                nll = F.cross_entropy(scored.transpose(1, 2), ids[:, first:hi], reduction="none")
+                window_weights = weights[:, first - 1 : hi - 1]
+                nll_sums[rows] += (nll.to(torch.float64) * window_weights).sum(-1).cpu()
+                weight_sums[rows] += window_weights.sum(-1).cpu()
         return nll_sums, weight_sums
 
     def score(self, texts: list[str]) -> GenPPLAccumulator:
         """Token-weighted NLL sums of `texts` under the oracle."""
         nll, weights = self.score_texts(texts)
         return GenPPLAccumulator(nll_sum=float(nll.sum()), weight_sum=float(weights.sum()))
+
+
+def sliding_windows(length: int, context: int) -> list[tuple[int, int, int]]:
+    """``(lo, first, hi)``: run the oracle on tokens [lo, hi) and score targets [first, hi); every target
+    1..length-1 is scored once. One window when the text fits; else each next window starts half a
+    context before the previous one's end, so every target sees at least context // 2 tokens before it."""
+    windows, lo, first = [], 0, 1
+    while first < length:
+        hi = min(lo + context, length)
+        windows.append((lo, first, hi))
+        first, lo = hi, max(lo + 1, hi - context // 2)
+    return windows

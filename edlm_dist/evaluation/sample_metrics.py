@@ -63,23 +63,40 @@ class Oracle(Protocol):
 
 
 class ExactSyntheticOracle:
-    """Exact Gen PPL under the synthetic language: −log p(row) over its L−1 scored tokens (spec §7.1 analogue)."""
+    """Exact Gen PPL under the synthetic language: exp(−Σ log p(row) / Σ (N−1)) (spec §7.1 analogue).
+
+    Rows of any length N are scored whole: a row longer than the data's rows (semi-autoregressive
+    sampling) is one document ``[BOS] + N−2 tokens + [EOS]`` of the same language at length N.
+    """
 
     name = "exact"
 
     def __init__(self, language) -> None:
         self.language = language
+        self._by_length = {language.seq_len: language}
+
+    def language_at(self, length: int):
+        """The same language (same tables) with rows of ``length`` tokens."""
+        if length not in self._by_length:
+            from edlm_dist.data.synthetic import SyntheticLanguage
+
+            self._by_length[length] = SyntheticLanguage(self.language.cfg, length)
+        return self._by_length[length]
+
+    def log_probs(self, token_rows: list[list[int]]) -> torch.Tensor:
+        """(rows,) float64 exact log p of rows of any lengths, in input order."""
+        out = torch.empty(len(token_rows), dtype=torch.float64)
+        for length in sorted({len(row) for row in token_rows}):
+            index = [i for i, row in enumerate(token_rows) if len(row) == length]
+            out[index] = self.language_at(length).log_prob(torch.tensor([token_rows[i] for i in index]))
+        return out
 
     def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
         if not rows:
             return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
-        lengths = {len(row["tokens"]) for row in rows}
-        if lengths != {self.language.seq_len}:
-            raise DataError(f"the exact oracle scores rows of length {self.language.seq_len}, got lengths "
-                            f"{sorted(lengths)}; sample with the data's seq_len or use an HF oracle")
-        tokens = torch.tensor([row["tokens"] for row in rows], dtype=torch.long)
-        nll = -self.language.log_prob(tokens).to(torch.float64)
-        return nll, torch.full_like(nll, float(self.language.num_scored_tokens))
+        token_rows = [row["tokens"] for row in rows]
+        nll = -self.log_probs(token_rows)
+        return nll, torch.tensor([len(row) - 1 for row in token_rows], dtype=torch.float64)
 
 
 class HFOracle:

@@ -106,24 +106,27 @@ TEXTS = [
 
 
 def _reference_gen_ppl(folder, texts, max_length):
-    """Per-text model calls (no padding), manual truncation and chunking, hand-written weights."""
+    """Per-text, per-target model calls (no padding): target j is predicted from the window that scores
+    it (texts that fit: the whole prefix; longer: the last CONTEXT tokens of the half-context grid
+    window ending at or after j), manual truncation, hand-written weights of the whole text."""
     from transformers import GPT2LMHeadModel, GPT2TokenizerFast
 
     tokenizer = GPT2TokenizerFast.from_pretrained(folder)
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
     nll_sum = weight_sum = 0.0
+    half = CONTEXT // 2
     for text in texts:
         ids = tokenizer.encode(text, add_special_tokens=False)[:max_length]
-        for lo in range(0, len(ids), CONTEXT):
-            chunk = ids[lo:lo + CONTEXT]
-            if len(chunk) < 2:
-                continue
+        weights = _reference_weights(ids, [1] * len(ids), EOS)
+        for j in range(1, len(ids)):
+            # Window ends are CONTEXT, CONTEXT + half, CONTEXT + 2 half, ... (capped at the text's end).
+            grid_end = CONTEXT if j < CONTEXT else CONTEXT + half * ((j - CONTEXT) // half + 1)
+            offset = grid_end - CONTEXT
+            window = ids[offset:min(len(ids), grid_end)]
             with torch.no_grad():
-                log_probs = torch.log_softmax(model(torch.tensor([chunk])).logits[0].double(), -1)
-            weights = _reference_weights(chunk, [1] * len(chunk), EOS)
-            for j in range(1, len(chunk)):
-                nll_sum += -log_probs[j - 1, chunk[j]].item() * weights[j - 1]
-                weight_sum += weights[j - 1]
+                log_probs = torch.log_softmax(model(torch.tensor([window])).logits[0].double(), -1)
+            nll_sum += -log_probs[j - 1 - offset, ids[j]].item() * weights[j - 1]
+            weight_sum += weights[j - 1]
     return nll_sum, weight_sum
 
 
@@ -132,7 +135,7 @@ def test_oracle_matches_direct_computation(oracle_dir, max_length):
     oracle = HFCausalLMOracle(str(oracle_dir), batch_size=3, max_length=max_length)
     assert oracle.context == CONTEXT
     acc = oracle.score(TEXTS)
-    nll_sum, weight_sum = _reference_gen_ppl(oracle_dir, TEXTS, max_length or CONTEXT)
+    nll_sum, weight_sum = _reference_gen_ppl(oracle_dir, TEXTS, max_length)
     assert acc.weight_sum == weight_sum
     # padded batches vs per-text calls: other shapes, other kernels; then the sum over the scored tokens
     n = ORACLE_N + int(weight_sum)

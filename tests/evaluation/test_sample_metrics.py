@@ -186,10 +186,24 @@ def test_methods_compare_with_the_baseline_at_equal_steps_with_holm():
     assert same["estimate"] == 1.0 and same["low"] < 1 < same["high"] and not same["significant_holm"]
 
 
-def test_exact_oracle_refuses_rows_of_another_length(tmp_path, language):
-    path = _write_samples(tmp_path / "s", [[8, 1, 2, 9]])
-    with pytest.raises(DataError, match="length 12"):
-        evaluate_sample_file(path, ExactSyntheticOracle(language), entropy=False)
+def test_exact_oracle_scores_rows_longer_than_the_data_whole(tmp_path, language):
+    """Semi-autoregressive rows (N > L) are documents of the same language at length N: mixed lengths are
+    aggregated token-weighted over Σ (N−1), and rows drawn at length N score its entropy rate (4 SE)."""
+    long_language = SyntheticLanguage(LANG_CFG, 3 * SEQ_LEN)
+    long_rows = long_language.sample(600, torch.Generator().manual_seed(1))
+    short_rows = language.sample(200, torch.Generator().manual_seed(2))
+    path = _write_samples(tmp_path / "mixed", long_rows.tolist() + short_rows.tolist())
+    result = evaluate_sample_file(path, ExactSyntheticOracle(language), entropy=True)
+    nll = float(-long_language.log_prob(long_rows).sum() - language.log_prob(short_rows).sum())
+    tokens = 600 * (3 * SEQ_LEN - 1) + 200 * (SEQ_LEN - 1)
+    assert result["scored_tokens"] == tokens and result["gen_nll"] == pytest.approx(nll / tokens, rel=1e-12)
+    per_row = -long_language.log_prob(long_rows) / (3 * SEQ_LEN - 1)
+    long_only = evaluate_sample_file(_write_samples(tmp_path / "long", long_rows.tolist()),
+                                     ExactSyntheticOracle(language), entropy=True)
+    rate, rate_stderr = long_language.entropy_per_token()
+    assert abs(long_only["gen_nll"] - rate) < 4 * math.hypot(per_row.std().item() / math.sqrt(600), rate_stderr)
+    hand = sum(_hand_entropy_bits(r) for r in long_rows.tolist()) / 600
+    assert long_only["entropy_bits"] == pytest.approx(hand, rel=1e-12)
 
 
 # ----------------------------------------------------------------------------------- distributed

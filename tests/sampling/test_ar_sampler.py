@@ -82,7 +82,8 @@ def test_row_law_equals_the_ar_models_own(prompt, temperature, top_k, top_p):
     assert set(counts) <= set(law), "a row outside the enumerated support (mask drawn, prompt or BOS changed)"
     for row, p in law.items():
         sigma = math.sqrt(p * (1 - p) / rows)
-        assert abs(counts.get(row, 0) / rows - p) <= 4.5 * sigma + 1e-12, (row, counts.get(row, 0) / rows, p)
+        # 4.5 sigma, plus 3 draws of slack for rare outcomes (P(Poisson(0.1) >= 4) ~ 4e-6)
+        assert abs(counts.get(row, 0) / rows - p) <= 4.5 * sigma + 3 / rows, (row, counts.get(row, 0) / rows, p)
     assert out.nfe == L - 1 - len(prompt)  # prefill + one call per drawn token but the last
     if top_k or top_p < 1:  # truncation really removed outcomes
         assert sum(p == 0 for p in law.values()) > 0

@@ -2,7 +2,7 @@
 
 Two gloo ranks sample with the k proposals split over them (k = 4, 3 and 1: divisible, uneven,
 fewer proposals than ranks; block-wise with the cached coAR energy; block-wise with the block-causal denoiser's prefix
-cache too), and as two data-parallel groups, and (second fork) with a tensor-parallel diffusion + AR energy pair. Every layout must give exactly the tokens of one process
+cache too; k = 3 also with a prompt and an infilling template), and as two data-parallel groups, and (second fork) with a tensor-parallel diffusion + AR energy pair. Every layout must give exactly the tokens of one process
 drawing all k itself, with x_t identical on every rank after every step (per-step hashes).
 """
 
@@ -44,10 +44,15 @@ CASES = {  # name: settings
     # the block-causal denoiser (model blocks of 4, sampler blocks of 2): every rank keeps its own prefix cache
     # of the same committed rows (its calls are replicated), the coAR energy's is shared as above
     "k3_block_causal": SamplerSettings(sampler="edlm", steps=3, k=3, window=1.0, seed=9, block_size=2),
+    "k3_prompts": SamplerSettings(sampler="edlm", steps=8, k=3, window=0.5, seed=9),
 }
 BLOCK_CAUSAL = dataclasses.replace(TINY, block_size=4, time_conditioning=False)
 NETWORK_N = network_reduction_size(TINY, LENGTH, VOCAB)
 TP_CASES = ("k4", "k3_blocks", "k3_block_causal")
+# Fixed tokens (mask = generated): a prompt, an infilling template and a free row.
+PROMPTED = {"k3_prompts": torch.tensor([[5, 1, 2, MASK, MASK, MASK, MASK, MASK],
+                                        [5, 3, MASK, MASK, 0, 4, MASK, MASK],
+                                        [MASK] * LENGTH])}
 DATA_PARALLEL = SamplerSettings(sampler="edlm", steps=8, k=2, window=1.0, seed=4)
 
 
@@ -76,7 +81,7 @@ def _models(states):
 def _sample(denoisers, energy, name, ids, proposals=None):
     denoiser = denoisers["block_causal" if name.endswith("block_causal") else "whole_row"]
     out = sample_rows(denoiser, CASES[name], ids, length=LENGTH, mask_id=MASK, energy_fn=energy, proposals=proposals,
-                      trace=True)
+                      trace=True, x_init=PROMPTED.get(name))
     return {"tokens": out.tokens, "hashes": out.step_hashes, "ess": out.ess_per_step,
             "energy_evaluations": out.energy_evaluations, "prefix_calls": out.prefix_calls}
 
@@ -91,6 +96,8 @@ def states():
 def reference(states):
     denoisers, energy = _models(states)
     out = {name: _sample(denoisers, energy, name, IDS) for name in CASES}
+    fixed = PROMPTED["k3_prompts"] != MASK
+    assert torch.equal(out["k3_prompts"]["tokens"][fixed], PROMPTED["k3_prompts"][fixed])  # kept by every step
     out["data_parallel"] = sample_rows(denoisers["whole_row"], DATA_PARALLEL, range(5), length=LENGTH, mask_id=MASK,
                                        energy_fn=energy).tokens
     return out

@@ -127,18 +127,6 @@ class FirstTokenFromEnergy:
         return log_mu
 
 
-def _accumulate(total: SampleBatch, part: SampleBatch, rows: torch.Tensor) -> None:
-    total.nfe += part.nfe
-    total.energy_evaluations += part.energy_evaluations
-    total.energy_rows += part.energy_rows
-    total.energy_calls += part.energy_calls
-    total.idle_skips += part.idle_skips
-    total.ess_per_step.extend(part.ess_per_step)
-    total.row_ess_sum[rows] += part.row_ess_sum
-    total.row_is_steps[rows] += part.row_is_steps
-    total.step_hashes.extend(part.step_hashes)
-
-
 @torch.no_grad()
 def sample_blocks(
     denoiser: Callable,
@@ -184,7 +172,7 @@ def sample_blocks(
                             device=device, energy_fn=energy, proposals=proposals, x_init=x[todo, lo:hi],
                             schedule=schedule, trace=trace, step_offset=j * settings.steps)
         x[todo, lo:hi] = part.tokens
-        _accumulate(total, part, todo.cpu())
+        total.add_counts(part, todo.cpu())
     total.prefix_calls = sum(session.calls for session in sessions)
     if energy_fn is not None and hasattr(sessions[1], "score_calls"):  # the scoring calls that ran a model
         total.energy_calls = sessions[1].score_calls

@@ -142,6 +142,21 @@ class SampleBatch:
     row_is_steps: Optional[torch.Tensor] = None  # (B,) number of IS steps per row
     step_hashes: list = field(default_factory=list)  # state_hash(x) after every step (trace=True)
 
+    def add_counts(self, part: "SampleBatch", rows: Optional[torch.Tensor] = None) -> None:
+        """Add the counters of ``part`` (a block or window of these rows; ``rows``: which of them, default all)."""
+        self.nfe += part.nfe
+        self.energy_evaluations += part.energy_evaluations
+        self.energy_rows += part.energy_rows
+        self.energy_calls += part.energy_calls
+        self.prefix_calls += part.prefix_calls
+        self.idle_skips += part.idle_skips
+        self.ess_per_step.extend(part.ess_per_step)
+        self.step_hashes.extend(part.step_hashes)
+        if part.row_ess_sum is not None:
+            index = slice(None) if rows is None else rows
+            self.row_ess_sum[index] += part.row_ess_sum.cpu()
+            self.row_is_steps[index] += part.row_is_steps.cpu()
+
     @property
     def row_mean_ess(self) -> torch.Tensor:
         """Mean ESS per row over its IS steps (NaN for rows that never ran IS)."""

@@ -78,13 +78,6 @@ def generate_long(fill: WindowSampler, x_init: torch.Tensor, sample_ids: Sequenc
         ids = [int(i) + index * WINDOW_ID_STRIDE for i in sample_ids]
         result = fill(state, ids)
         row[:, span] = result.tokens[:, : window.body].to(row.device)
-        total.nfe += result.nfe
-        total.energy_evaluations += result.energy_evaluations
-        total.energy_rows += result.energy_rows
-        total.idle_skips += result.idle_skips
-        total.ess_per_step.extend(result.ess_per_step)
-        if result.row_ess_sum is not None:
-            total.row_ess_sum += result.row_ess_sum.cpu()
-            total.row_is_steps += result.row_is_steps.cpu()
+        total.add_counts(result)
     total.tokens = row
     return total

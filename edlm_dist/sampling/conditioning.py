@@ -173,3 +173,32 @@ def marked_text(tokens: Sequence[int], fixed: Sequence[bool], tokenizer) -> str:
         text = tokenizer.decode(list(tokens[start:end]))
         parts.append(f"[[{text}]]" if kind == "generated" else text)
     return (" " if getattr(tokenizer, "name", "") == "synthetic" else "").join(parts)  # synthetic: words
+
+
+def prompt_of_sample(index: int, prompts: Sequence[Prompt], per_prompt: int) -> Optional[int]:
+    """Which prompt sample ``index`` continues: samples p·n .. p·n + n − 1 belong to prompt p (None: no prompts)."""
+    return index // per_prompt if prompts else None
+
+
+def annotate(record: dict, start: Sequence[int], mask_id: int, tokenizer, prompts: Sequence[Prompt],
+             per_prompt: int) -> dict:
+    """Add the readable fields of one sample: its prompt, the fixed/generated spans, the marked text."""
+    fixed = [token != mask_id for token in start]
+    prompt_index = prompt_of_sample(record["index"], prompts, per_prompt)
+    record["prompt_index"] = prompt_index
+    record["prompt"] = prompts[prompt_index].source if prompt_index is not None else None
+    record["spans"] = spans(fixed)
+    record["marked_text"] = marked_text(record["tokens"], fixed, tokenizer) if tokenizer is not None else None
+    return record
+
+
+def format_samples(records: Sequence[dict], count: int) -> str:
+    """The first ``count`` samples for a terminal: index, prompt, and the text with generated spans in [[ ]]."""
+    lines = []
+    for record in list(records)[:count]:
+        head = f"--- sample {record['index']}"
+        if record.get("prompt") is not None:
+            head += f" (prompt {record['prompt_index']}: {record['prompt']!r})"
+        lines.append(head)
+        lines.append(record.get("marked_text") or record.get("text") or " ".join(map(str, record["tokens"])))
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""AR baseline sampler benchmark: KV cache vs the reference's full recomputation (spec §5.7).
+
+    OMP_NUM_THREADS=1 python3 -m tools.bench_generation                       # random AR models, L = 32 128 512
+    python3 -m tools.bench_generation --hidden 64 --blocks 2 --lengths 32 --batches 1 32 --repeats 5
+
+For each row length L and batch size: seconds per sample of ``sample_ar_batch`` with and without the
+KV cache (median [min-max] over repeats), the speed-up, the tokens pushed through the model per row
+(cached: L; uncached: the whole prefix at every step, L(L-1)/2) and the worst relative difference of
+the cached logits from one full forward (float32). Both modes make L-1 sequential model calls per row.
+The samples are the same in both modes (tested in tests/sampling/test_ar_sampler.py). Prints Markdown
+(tests never time things).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+
+def _random_ar(hidden: int, blocks: int, heads: int, vocab: int, length: int, seed: int = 0):
+    import math
+
+    from edlm_dist.config.schema import ModelConfig
+    from edlm_dist.models.build import build_model
+
+    torch.manual_seed(seed)
+    model = build_model("ar", ModelConfig(hidden_size=hidden, n_blocks=blocks, n_heads=heads, cond_dim=8), vocab,
+                        length).eval()
+    with torch.no_grad():  # the output layer starts at zero: give every logit a spread
+        model.output_layer.linear.weight.normal_(0.0, 1.0 / math.sqrt(hidden))
+    return model
+
+
+@torch.no_grad()
+def cached_logit_error(model, length: int, vocab: int) -> float:
+    rows = torch.randint(0, vocab - 1, (2, length), generator=torch.Generator().manual_seed(1))
+    full = model(rows, gather_logits=True)
+    cache = model.new_cache(length)
+    cached = torch.cat([model(rows[:, i : i + 1], gather_logits=True, cache=cache) for i in range(length)], dim=1)
+    return float((cached - full).abs().max() / full.abs().max())
+
+
+def _seconds_per_sample(model, length: int, batch: int, vocab: int, kv_cache: bool, repeats: int) -> list[float]:
+    from edlm_dist.sampling.ar_sampler import sample_ar_batch
+    from edlm_dist.sampling.settings import SamplerSettings
+
+    settings = SamplerSettings(sampler="ar", kv_cache=kv_cache, seed=3)
+    out = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        sample_ar_batch(model, settings, range(batch), length=length, mask_id=vocab - 1, bos_id=vocab - 3)
+        out.append((time.perf_counter() - tick) / batch)
+    return out
+
+
+def _interval(values: list[float]) -> str:
+    return f"{statistics.median(values) * 1e3:.1f} [{min(values) * 1e3:.1f}-{max(values) * 1e3:.1f}]"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=128)
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=35)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[32, 128, 512])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args(argv)
+    print(f"AR model H={args.hidden}, {args.blocks} blocks, {args.heads} heads, V={args.vocab}; "
+          f"threads={torch.get_num_threads()}; ms per sample, median [min-max] of {args.repeats}\n")
+    print("| L | batch | cached ms/sample | uncached ms/sample | speed-up | model tokens/row cached : uncached | "
+          "max rel. logit diff |")
+    print("|---|---|---|---|---|---|---|")
+    for length in args.lengths:
+        model = _random_ar(args.hidden, args.blocks, args.heads, args.vocab, length)
+        error = cached_logit_error(model, length, args.vocab)
+        for batch in args.batches:
+            cached = _seconds_per_sample(model, length, batch, args.vocab, True, args.repeats)
+            full = _seconds_per_sample(model, length, batch, args.vocab, False, args.repeats)
+            speedup = statistics.median(full) / statistics.median(cached)
+            print(f"| {length} | {batch} | {_interval(cached)} | {_interval(full)} | {speedup:.2f}x | "
+                  f"{length} : {length * (length - 1) // 2} | {error:.1e} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -148,7 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--no-ema", dest="use_ema", action="store_false", help="export the raw weights")
         else:
             _add_run_arguments(p, name)
+        if name == "sample":
+            p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                           help="a prompt to continue, or an infilling template like \"The [MASK:12] of the "
+                           "[MASK:5]\" (repeatable; sample.num_samples samples per prompt)")
+            p.add_argument("--prompt-ids", action="append", default=[], metavar="IDS",
+                           help="a token-id template, '_' or [MASK:n] for generated positions, e.g. \"5 12 _ _ 7\" "
+                           "(repeatable)")
+            p.add_argument("--prompts-file", default=None, metavar="FILE",
+                           help="JSONL ({\"prompt\"|\"infill\"|\"ids\": ...} per line) or one template per line")
+            p.add_argument("--show", type=_count, default=0, metavar="N",
+                           help="print the first N samples, generated spans in [[ ]]")
     return parser
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

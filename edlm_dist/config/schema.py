@@ -133,6 +133,7 @@ def _window_problem(window: Any) -> Optional[str]:
     return None
 
 
+PROMPT = Check("a non-empty prompt or template", lambda v: None if v.strip() else "is empty")
 WINDOW = Check("a number w in [0, 1] (IS for t in [1 - w, 1]) or a pair [t_lo, t_hi]", _window_problem,
                whole_message=True)
 
@@ -151,6 +152,10 @@ class SampleConfig:
     top_k: int = number(0, 0, 10**8, why="0 keeps every token")  # ar only, not the paper's protocol: keep the k likeliest next tokens
     top_p: float = number(1.0, 0.0, 1.0, lo_open=True, why="1 keeps every token")  # ar only, not the paper's protocol: nucleus mass
     kv_cache: bool = flag(True)  # ar: incremental decoding; false recomputes the prefix per token (spec §5.7)
+    prompts: list[str] = texts([], PROMPT)  # templates ("w3 [MASK:4] w9"; "ids:5 _ 7"); docs/sampling.md
+    prompts_file: str = text("", PATH)  # JSONL ({"prompt"|"infill"|"ids": ...}) or one template per line
+    length: int = number(0, 0, 2**24, why="0 means the model's L")  # tokens per row; > L: semi-autoregressive windows (spec §5.6)
+    stride: int = number(0, 0, 2**24, why="0 means half the context")  # new tokens per window when length > L
     redraw_every_step: bool = flag(True)  # Alg. 1; False reuses x0* while nothing changes (ref. code)
     skip_idle_is: bool = flag(True)  # redraw mode: no IS for a row whose step reveals nothing (same tokens, docs/sampling.md)
     noise_removal: bool = flag(True)

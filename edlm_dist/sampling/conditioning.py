@@ -61,7 +61,7 @@ def _mask_count(match: re.Match) -> int:
 def _text_template(text: str, tokenizer) -> list[Optional[int]]:
     out: list[Optional[int]] = []
     pieces = MASK_SPAN.split(text)  # literal, count, literal, count, ...
-    spaces_are_tokens = getattr(tokenizer, "name", "") == "char"  # text8: a space is a character
+    spaces_are_tokens = getattr(tokenizer, "name", "") in ("text8", "char")  # a space is a character there
     for index in range(0, len(pieces), 2):
         literal, before_mask = pieces[index], index + 1 < len(pieces)
         if before_mask and not spaces_are_tokens:
@@ -139,6 +139,27 @@ def read_prompts_file(path: str | Path, tokenizer) -> list[Prompt]:
     if not prompts:
         raise ConfigError(f"prompts file {path} holds no prompt; write one per line")
     return prompts
+
+
+IDS_PREFIX = "ids:"  # a config entry "ids:5 12 _ 7" is a token-id template (CLI --prompt-ids)
+
+
+def load_prompts(texts: Sequence[str], prompts_file: str, tokenizer) -> list[Prompt]:
+    """The prompts of a run: ``sample.prompts`` (text templates, or ``ids:`` token-id templates), then the file."""
+    prompts = [parse_prompt(text[len(IDS_PREFIX):], tokenizer, ids=True) if text.startswith(IDS_PREFIX)
+               else parse_prompt(text, tokenizer) for text in texts]
+    if prompts_file:
+        prompts += read_prompts_file(prompts_file, tokenizer)
+    return prompts
+
+
+def start_states(sample_ids: Sequence[int], prompts: Sequence[Prompt], per_prompt: int, length: int,
+                 mask_id: int) -> torch.Tensor:
+    """(B, length) start states of samples ``sample_ids``: each one's prompt (all masks without prompts)."""
+    if not prompts:
+        return torch.full((len(sample_ids), length), mask_id, dtype=torch.long)
+    rows = start_rows(prompts, length, mask_id)
+    return rows[[prompt_of_sample(i, prompts, per_prompt) for i in sample_ids]]
 
 
 def start_rows(prompts: Sequence[Prompt], length: int, mask_id: int) -> torch.Tensor:

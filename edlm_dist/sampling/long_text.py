@@ -14,8 +14,11 @@ reference's long samples carry an EOS at every window boundary (its README warns
 post-processing). Here a diffusion window that is not the row's last one holds L-1 positions of the
 row plus a *placeholder* EOS in its last slot, fixed and never emitted: each window looks like a
 training row and the long row is one document ``[BOS] ... [EOS]``. Its prefix is therefore
-L-1-stride committed tokens. The AR sampler never sees a later slot (causal), so its windows are
-simply L-1 positions of the row. The last window is the row's real end (L positions, EOS generated).
+L-1-stride committed tokens. The last window is the row's real end (L positions); its last slot, the
+row's final position, is fixed to EOS as well (when free): a denoiser knows where a row ends only from
+the framing tokens (rotary attention is relative, and a later window has no BOS at its start), and
+without it the demo MDLM left the final EOS out. The AR sampler never sees a later slot (causal), so its
+windows are simply L-1 positions of the row and it writes the final EOS itself.
 
 Randomness: window j of sample i draws from the streams of sample id ``i + j * 2**40`` (window 0 is
 sample i itself, so a one-window row equals ordinary sampling), so windows never share random numbers
@@ -61,12 +64,14 @@ WindowSampler = Callable[[torch.Tensor, list[int]], object]
 
 
 def generate_long(fill: WindowSampler, x_init: torch.Tensor, sample_ids: Sequence[int], *, context: int,
-                  stride: int, eos_id: int, causal: bool = False):
+                  stride: int, eos_id: int, mask_id: int, causal: bool = False):
     """Write rows of ``x_init.shape[1]`` tokens window by window with ``fill``; returns a SampleBatch whose
     counters (NFE, energies, ESS) are summed over the windows."""
     from edlm_dist.sampling.engine import SampleBatch
 
     row = x_init.clone()
+    if not causal:  # the row's own end is a framing EOS too, so the last window also ends with one
+        row[:, -1] = torch.where(row[:, -1] == mask_id, torch.full_like(row[:, -1], eos_id), row[:, -1])
     batch = row.shape[0]
     total = SampleBatch(tokens=row, row_ess_sum=torch.zeros(batch, dtype=torch.float64),
                         row_is_steps=torch.zeros(batch, dtype=torch.long))

@@ -15,7 +15,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -32,8 +32,10 @@ from edlm_dist.errors import CheckpointError, ConfigError, DataError
 from edlm_dist.parallel.proposals import sampling_layout
 from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
 from edlm_dist.sampling.block_denoiser import check_block_sampling, make_denoiser, model_block_size
-from edlm_dist.sampling.blocks import sample_rows
+from edlm_dist.sampling.conditioning import annotate, load_prompts, start_rows, start_states
 from edlm_dist.sampling.engine import SamplerSettings
+from edlm_dist.sampling.generate import Generator
+from edlm_dist.sampling.long_text import window_plan
 from edlm_dist.sampling.model_energies import build_energy
 
 log = logging.getLogger("edlm.sample")
@@ -48,13 +50,19 @@ def _checkpoint_record(path: str, meta: dict) -> dict:
 def check_inputs(cfg: RunConfig) -> dict[str, tuple[str, dict]]:
     """Read every needed meta.json and check kinds and compatibility; loads no weights.
 
-    Returns ``{"diffusion": (path, meta), "ar"|"energy": (path, meta)}``.
+    Returns ``{"diffusion": (path, meta), "ar"|"energy": (path, meta)}`` (only ``"ar"`` for the AR sampler).
     """
     s = cfg.sample
-    if not s.diffusion_ckpt:
+    if s.sampler == "ar":
+        if not s.ar_ckpt:
+            raise ConfigError("sample.sampler=ar needs sample.ar_ckpt=<the --out folder of an `edlm train "
+                              "train.objective=ar` run>")
+        needed = {"ar": (s.ar_ckpt, "ar")}
+    elif not s.diffusion_ckpt:
         raise ConfigError("sample.diffusion_ckpt is empty; pass sample.diffusion_ckpt=<the --out folder of an "
                           "`edlm train` MDLM run>")
-    needed = {"diffusion": (s.diffusion_ckpt, "dit")}
+    else:
+        needed = {"diffusion": (s.diffusion_ckpt, "dit")}
     if s.sampler == "edlm" and s.energy in ENERGY_CHECKPOINT:
         key, kind = ENERGY_CHECKPOINT[s.energy]
         if not getattr(s, key):
@@ -69,7 +77,7 @@ def check_inputs(cfg: RunConfig) -> dict[str, tuple[str, dict]]:
             raise CheckpointError(f"{path} holds a '{meta.get('kind')}' model but the {role} checkpoint must be "
                                   f"'{kind}'; pass the run folder of the right `edlm train` objective")
         found[role] = (path, meta)
-    reference = found["diffusion"][1]
+    reference = model_meta(found)
     if s.block_size > int(reference.get("seq_len") or s.block_size):
         raise ConfigError(f"sample.block_size={s.block_size} exceeds the diffusion model's row length "
                           f"{reference.get('seq_len')}; use 0 (one block) or a size <= {reference.get('seq_len')}")
@@ -80,6 +88,27 @@ def check_inputs(cfg: RunConfig) -> dict[str, tuple[str, dict]]:
                 raise CheckpointError(f"the {role} checkpoint {path} has {key}={meta.get(key)} but the diffusion "
                                       f"model has {reference.get(key)}; use models trained on the same data")
     return found
+
+
+def model_meta(found: dict[str, tuple[str, dict]]) -> dict:
+    """The meta.json that defines the rows (vocabulary, length, mask id, data): the sampler's own model."""
+    return found["diffusion"][1] if "diffusion" in found else found["ar"][1]
+
+
+def row_shape(cfg: RunConfig, context: int, prompts: list, mask_id: int) -> tuple[int, int]:
+    """(tokens per row N, new tokens per window) of a run, checked before any model loads."""
+    s = cfg.sample
+    total = s.length or context
+    if s.sampler != "ar" and total < context:
+        raise ConfigError(f"sample.length={total} is shorter than the diffusion model's rows ({context}); use 0 or "
+                          f">= {context}")
+    stride = s.stride or context // 2
+    window_plan(total, context, stride, causal=s.sampler == "ar")  # raises on a stride that does not fit
+    start_rows(prompts, total, mask_id)  # raises on a template longer than the row
+    if s.sampler == "ar" and any(prompt.kind == "infill" for prompt in prompts):
+        raise ConfigError("sample.sampler=ar continues prompts but cannot fill gaps; use sampler=mdlm or edlm for "
+                          "infilling templates")
+    return total, stride
 
 
 def load_tokenizer(meta: dict):
@@ -104,10 +133,19 @@ def _init_runtime(cfg: RunConfig):
 
 
 def run_sampling(cfg: RunConfig, out_dir: str | os.PathLike, *, proposal_parallel: int = 0) -> Optional[dict]:
-    """Sample ``cfg.sample.num_samples`` rows into ``out_dir``; returns the summary on the writing rank."""
+    """Sample ``cfg.sample.num_samples`` rows (per prompt, with prompts) into ``out_dir``; returns the summary
+    on the writing rank."""
     settings = SamplerSettings.from_config(cfg.sample)
     found = check_inputs(cfg)
-    dmeta = found["diffusion"][1]
+    dmeta = model_meta(found)
+    tokenizer = load_tokenizer(dmeta)
+    prompts = []
+    if cfg.sample.prompts or cfg.sample.prompts_file:
+        if tokenizer is None:
+            raise ConfigError("prompts need the data's tokenizer, which is not available for this model; pass "
+                              "token-id templates (--prompt-ids) or keep the prepared data folder")
+        prompts = load_prompts(cfg.sample.prompts, cfg.sample.prompts_file, tokenizer)
+    shape = row_shape(cfg, int(dmeta["seq_len"]), prompts, int(dmeta["mask_id"]))
     needs_language = settings.sampler == "edlm" and cfg.sample.energy == "oracle"
     language = synthetic_language_for(dmeta) if needs_language else None
     if needs_language and language is None:
@@ -117,50 +155,82 @@ def run_sampling(cfg: RunConfig, out_dir: str | os.PathLike, *, proposal_paralle
     out.mkdir(parents=True, exist_ok=True)
     ctx = _init_runtime(cfg)
     try:
-        return _sample_and_write(cfg, settings, found, language, out, ctx, proposal_parallel)
+        inputs = RunInputs(found, language, tokenizer, prompts, *shape)
+        return _sample_and_write(cfg, settings, inputs, out, ctx, proposal_parallel)
     finally:
         if ctx is not None:
             shutdown_parallel()
 
 
-def _sample_and_write(cfg, settings, found, language, out, ctx, proposal_parallel) -> Optional[dict]:
+@dataclass
+class RunInputs:
+    """What a run samples with, checked before any model loads."""
+
+    found: dict  # role -> (checkpoint path, meta)
+    language: object  # the exact synthetic language (oracle energy) or None
+    tokenizer: object  # the data's tokenizer or None
+    prompts: list  # conditioning.Prompt, possibly empty
+    length: int  # tokens per row
+    stride: int  # new tokens per window when length > the model's L
+
+
+def _generator(cfg, settings, inputs: RunInputs, device, layout) -> Generator:
+    s, meta = cfg.sample, model_meta(inputs.found)
+    mask_id, vocab = int(meta["mask_id"]), int(meta["vocab_size"])
+    models = {role: load_trained_model(inputs.found[role][0], use_ema=s.use_ema, expect_kind=kind, device=device)[0]
+              for role, kind in (("diffusion", "dit"), ("ar", "ar"), ("energy", "energy")) if role in inputs.found}
+    tokens = tokenizer_ids(meta, inputs.tokenizer)
+    parts = {"proposals": layout.proposals}
+    if settings.sampler == "ar":
+        parts["ar_model"] = models["ar"]
+    else:
+        parts["denoiser"] = make_denoiser(models["diffusion"], mask_id, vocab)
+    if settings.sampler == "edlm":
+        parts["energy_fn"] = build_energy(s.energy, mask_id=mask_id, language=inputs.language,
+                                          ar_model=models.get("ar"), energy_model=models.get("energy"))
+    return Generator(settings, int(meta["seq_len"]), mask_id, tokens["bos_id"], tokens["eos_id"], device, **parts)
+
+
+def tokenizer_ids(meta: dict, tokenizer) -> dict:
+    """BOS / EOS ids of the data: from the tokenizer, else from the tokenizer description in meta.json."""
+    described = meta.get("tokenizer") or {}
+    out = {key: getattr(tokenizer, key, None) if tokenizer is not None else described.get(key)
+           for key in ("bos_id", "eos_id")}
+    if None in out.values():
+        raise ConfigError("the checkpoint's meta.json names no BOS/EOS ids and the data's tokenizer is gone; keep the "
+                          "prepared data folder next to the weights")
+    return {key: int(value) for key, value in out.items()}
+
+
+def _sample_and_write(cfg, settings, inputs: RunInputs, out, ctx, proposal_parallel) -> Optional[dict]:
     s = cfg.sample
     device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dmeta = found["diffusion"][1]
-    mask_id, vocab, length = int(dmeta["mask_id"]), int(dmeta["vocab_size"]), int(dmeta["seq_len"])
-    dit, _, _ = load_trained_model(found["diffusion"][0], use_ema=s.use_ema, expect_kind="dit", device=device)
-    energy_fn = None
-    if settings.sampler == "edlm":
-        models = {}
-        if "ar" in found:
-            models["ar_model"] = load_trained_model(found["ar"][0], use_ema=s.use_ema, expect_kind="ar",
-                                                    device=device)[0]
-        if "energy" in found:
-            models["energy_model"] = load_trained_model(found["energy"][0], use_ema=s.use_ema,
-                                                        expect_kind="energy", device=device)[0]
-        energy_fn = build_energy(s.energy, mask_id=mask_id, language=language, **models)
-    if settings.sampler == "mdlm":  # no proposals to share: every rank samples its own sequences
+    mask_id = int(model_meta(inputs.found)["mask_id"])
+    if settings.sampler != "edlm":  # no proposals to share: every rank samples its own sequences
         proposal_parallel, k_for_layout = 1, 1
     else:
         k_for_layout = settings.k
     layout = sampling_layout(ctx, proposal_parallel, k_for_layout)
-    denoiser = make_denoiser(dit, mask_id, vocab)
-    my_batches = _batches(s.num_samples, s.batch_size, layout.data_rank, layout.data_size)
+    generator = _generator(cfg, settings, inputs, device, layout)
+    num_rows = s.num_samples * max(1, len(inputs.prompts))
+    my_batches = _batches(num_rows, s.batch_size, layout.data_rank, layout.data_size)
     records, ess_steps = [], []
     show = cfg.logging.progress and (ctx is None or ctx.rank == 0)
     started = time.perf_counter()
     with tqdm(total=sum(len(b) for b in my_batches), desc=f"sample {settings.sampler}", unit="seq",
               disable=not show) as bar:
         for ids in my_batches:
+            x_init = start_states(ids, inputs.prompts, s.num_samples, inputs.length, mask_id).to(device)
             tick = time.perf_counter()
-            result = sample_rows(denoiser, settings, ids, length=length, mask_id=mask_id, device=device,
-                                 energy_fn=energy_fn, proposals=layout.proposals)
+            result = generator.generate(ids, x_init, stride=inputs.stride)
             seconds = (time.perf_counter() - tick) / len(ids)
-            tokens, ess = result.tokens.cpu(), result.row_mean_ess
+            tokens = result.tokens.cpu()
+            ess = result.row_mean_ess if result.row_ess_sum is not None else torch.full((len(ids),), math.nan)
             for r, index in enumerate(ids):
                 records.append({"index": index, "tokens": tokens[r].tolist(), "seconds": seconds, "nfe": result.nfe,
                                 "sequential_calls": result.nfe + result.energy_calls + result.prefix_calls,
-                                "mean_ess": None if math.isnan(float(ess[r])) else float(ess[r])})
+                                "mean_ess": None if math.isnan(float(ess[r])) else float(ess[r]),
+                                "start": x_init[r].tolist()})
             ess_steps.append((len(ids), result.ess_per_step))
             bar.update(len(ids))
     elapsed = time.perf_counter() - started
@@ -172,10 +242,10 @@ def _sample_and_write(cfg, settings, found, language, out, ctx, proposal_paralle
         records = [r for part in gathered for r in part[0]]
         ess_steps = [e for part in gathered for e in part[1]]
     records.sort(key=lambda r: r["index"])
-    tokenizer = load_tokenizer(dmeta)
     for record in records:
-        record["text"] = tokenizer.decode(record["tokens"]) if tokenizer is not None else None
-    summary = _summary(cfg, settings, found, records, ess_steps, elapsed, ctx, layout)
+        record["text"] = inputs.tokenizer.decode(record["tokens"]) if inputs.tokenizer is not None else None
+        annotate(record, record.pop("start"), mask_id, inputs.tokenizer, inputs.prompts, s.num_samples)
+    summary = _summary(cfg, settings, inputs, records, ess_steps, elapsed, ctx, layout)
     written = write_sample_folder(out, records, summary)
     if summary["ess_per_step"] is not None:
         log.info("ESS per step (of k=%d): %s", settings.k,
@@ -196,8 +266,9 @@ def _mean_ess_per_step(ess_steps: list) -> list:
     return out
 
 
-def _summary(cfg, settings, found, records, ess_steps, elapsed, ctx, layout) -> dict:
-    s, edlm = cfg.sample, settings.sampler == "edlm"
+def _summary(cfg, settings, inputs: RunInputs, records, ess_steps, elapsed, ctx, layout) -> dict:
+    s, edlm, found = cfg.sample, settings.sampler == "edlm", inputs.found
+    context = int(model_meta(found)["seq_len"])
     ess_values = [r["mean_ess"] for r in records if r["mean_ess"] is not None]
     summary = {
         "num_samples": len(records),
@@ -205,12 +276,17 @@ def _summary(cfg, settings, found, records, ess_steps, elapsed, ctx, layout) -> 
         "energy": s.energy if edlm else None,
         "k": settings.k if edlm else None,
         "window": settings.window if edlm else None,
-        "temperature": settings.temperature if edlm else None,
+        "temperature": settings.temperature if settings.sampler != "mdlm" else None,
         "redraw_every_step": settings.redraw_every_step if edlm else None,
         "batch_size": s.batch_size,
         "use_ema": s.use_ema,
         "checkpoints": {role: _checkpoint_record(path, meta) for role, (path, meta) in found.items()},
-        "seq_len": found["diffusion"][1]["seq_len"],
+        "seq_len": context,
+        "length": inputs.length,
+        "stride": inputs.stride if inputs.length > context else None,
+        "windows": len(window_plan(inputs.length, context, inputs.stride, causal=settings.sampler == "ar")),
+        "prompts": [prompt.source for prompt in inputs.prompts],
+        "samples_per_prompt": s.num_samples if inputs.prompts else None,
         "git_commit": git_commit(),
         "world_size": 1 if ctx is None else ctx.world_size,
         "tp": 1 if ctx is None else ctx.tp_size,

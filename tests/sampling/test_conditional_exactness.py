@@ -21,7 +21,7 @@ import torch
 from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.data.synthetic import SyntheticLanguage
 from edlm_dist.objectives.subs import NEG_INF
-from edlm_dist.sampling.energy_fns import OracleEnergy
+from edlm_dist.sampling.model_energies import OracleEnergy
 from edlm_dist.sampling.engine import sample_batch
 from edlm_dist.sampling.mdlm import sampling_timesteps
 from edlm_dist.sampling.settings import SamplerSettings

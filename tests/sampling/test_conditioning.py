@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from edlm_dist.errors import ConfigError
-from edlm_dist.data.tokenizers import CharTokenizer, GPT2BPETokenizer, SyntheticTokenizer, gpt2_files_from_package
+from edlm_dist.data.learned_tokenizers import learn_tokenizer
+from edlm_dist.data.tokenizers import GPT2BPETokenizer, SyntheticTokenizer, Text8Tokenizer, gpt2_files_from_package
 from edlm_dist.sampling.conditioning import (
     marked_text, parse_prompt, read_prompts_file, spans, start_rows,
 )
@@ -49,8 +50,12 @@ def test_gpt2_and_char_templates_decode_back_to_their_text(tmp_path):
     assert gpt2.decode(tokens[1:first_gap]) == "The"  # the span after it starts with its own space
     middle = tokens[first_gap + 12 : tokens.index(None, first_gap + 12)]
     assert gpt2.decode(middle) == " of the"
-    char = parse_prompt("the [MASK:3] cat", CharTokenizer())
-    assert char.tokens[1:] == (*CharTokenizer().encode("the "), None, None, None, *CharTokenizer().encode(" cat"))
+    for chars in (Text8Tokenizer(), learn_tokenizer("char", ["the cat sat on the mat"])):  # spaces are tokens
+        template = parse_prompt("the [MASK:3] cat", chars)
+        assert template.tokens[1:] == (*chars.encode("the "), None, None, None, *chars.encode(" cat"))
+    byte = learn_tokenizer("byte", ["the cat sat on the mat"] * 20, vocab=300)  # words carry their space
+    template = parse_prompt("the cat [MASK:2] on", byte)
+    assert byte.decode(template.tokens[1 : template.tokens.index(None)]) == "the cat"
 
 
 def test_prompts_file_jsonl_and_plain_lines(tmp_path):
@@ -112,7 +117,7 @@ def test_long_rows_keep_fixed_tokens_and_committed_prefixes():
 
     x_init = torch.full((2, total), mask)
     x_init[:, 0], x_init[0, 14] = 32, 7  # BOS; a fixed token far beyond the first window
-    out = generate_long(stub, x_init, [5, 6], context=context, stride=stride, eos_id=eos)
+    out = generate_long(stub, x_init, [5, 6], context=context, stride=stride, eos_id=eos, mask_id=mask)
     plan = window_plan(total, context, stride)
     assert len(seen) == len(plan) and out.nfe == len(plan)
     assert bool((out.tokens != mask).all()) and out.tokens[0, 14] == 7 and bool((out.tokens[:, 0] == 32).all())
@@ -123,7 +128,8 @@ def test_long_rows_keep_fixed_tokens_and_committed_prefixes():
         assert torch.equal(body[body != mask], final[body != mask])  # fixed slots were kept
         if window.placeholder:
             assert bool((state[:, -1] == eos).all())
-    assert bool((out.tokens[:, 1:] != eos).all())  # no placeholder leaked into the row
+    assert bool((out.tokens[:, 1:-1] != eos).all())  # no placeholder leaked into the row
+    assert bool((out.tokens[:, -1] == eos).all())  # the row's own end is a framing EOS
 
 
 @pytest.mark.parametrize("sampler", ["mdlm", "edlm", "ar"])
@@ -132,7 +138,7 @@ def test_generator_writes_long_prompted_rows_with_every_sampler(sampler):
     independent of the batch split, and a row of the model's length is exactly the plain sampler's draw."""
     from edlm_dist.config.schema import ModelConfig
     from edlm_dist.models.build import build_model
-    from edlm_dist.sampling.energy_fns import AREnergy
+    from edlm_dist.sampling.model_energies import AREnergy
     from edlm_dist.sampling.engine import ModelDenoiser, sample_batch
     from edlm_dist.sampling.generate import Generator
     from edlm_dist.sampling.settings import SamplerSettings

@@ -128,6 +128,55 @@ def test_sample_cli_writes_samples_and_summary(runs, tmp_path, capsys):
     assert summary["update"] == "ddpm" and summary["precision"] == "float32"
 
 
+def test_prompts_infilling_long_rows_and_show(runs, tmp_path, capsys):
+    """Prompts from three places (text, token ids, a JSONL file), an infilling template, 48-token rows
+    from a 32-token model (semi-AR windows), EDLM-coAR: fixed tokens kept, samples per prompt, readable
+    fields, --show printing, and the summary recording it all."""
+    prompts_file = tmp_path / "prompts.jsonl"
+    prompts_file.write_text(json.dumps({"infill": "w1 [MASK:3] w2"}) + "\n")
+    capsys.readouterr()
+    code = main(["sample", DEMO, "--out", str(tmp_path / "p"), "logging.progress=false", "sample.sampler=edlm",
+                 "sample.energy=coar", f"sample.ar_ckpt={runs['ar']}", f"sample.diffusion_ckpt={runs['mdlm']}",
+                 "sample.num_samples=2", "sample.batch_size=4", "sample.steps=4", "sample.k=2", "sample.length=48",
+                 "sample.stride=8", "--prompt", "w3 w30", "--prompt-ids", "32 7 _ 8", "--prompts-file",
+                 str(prompts_file), "--show", "3"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    rows, summary = _read(tmp_path / "p")
+    starts = {0: [32, 3, 30], 1: [32, 7, None, 8], 2: [32, 1, None, None, None, 2]}
+    assert [r["prompt_index"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    for row in rows:
+        assert len(row["tokens"]) == 48 and 34 not in row["tokens"] and row["tokens"][-1] == 33
+        for position, token in enumerate(starts[row["prompt_index"]]):
+            assert token is None or row["tokens"][position] == token  # fixed tokens kept
+        fixed = [position for start, end, kind in row["spans"] if kind == "fixed" for position in range(start, end)]
+        assert fixed == [p for p, t in enumerate(starts[row["prompt_index"]]) if t is not None]
+        assert row["marked_text"].startswith("[BOS] ") and "[[" in row["marked_text"]
+    assert summary["prompts"] == ["w3 w30", "32 7 _ 8", "w1 [MASK:3] w2"]
+    assert summary["length"] == 48 and summary["stride"] == 8 and summary["windows"] == 3
+    assert summary["samples_per_prompt"] == 2 and summary["num_samples"] == 6
+    assert captured.out.count("--- sample") == 3 and rows[0]["marked_text"] in captured.out
+
+
+def test_ar_baseline_sampler_from_the_cli(runs, tmp_path, capsys):
+    """sample.sampler=ar needs only the AR model; the rows are the AR sampler's own draws (with and without
+    the KV cache), continue the prompt, and end with the model's EOS."""
+    from edlm_dist.sampling.ar_sampler import sample_ar_batch
+
+    common = [f"sample.ar_ckpt={runs['ar']}", "sample.sampler=ar", "sample.num_samples=3", "sample.seed=4"]
+    assert _sample(capsys, tmp_path / "ar", *common, "--prompt", "w3 w30")[0] == 0
+    assert _sample(capsys, tmp_path / "ar_full", *common, "sample.kv_cache=false", "--prompt", "w3 w30")[0] == 0
+    rows, summary = _read(tmp_path / "ar")
+    ar, meta, _ = load_trained_model(runs["ar"], expect_kind="ar")
+    x_init = torch.full((3, 32), meta["mask_id"])
+    x_init[:, :3] = torch.tensor([32, 3, 30])
+    direct = sample_ar_batch(ar, SamplerSettings(sampler="ar", seed=4), range(3), length=32, mask_id=meta["mask_id"],
+                             bos_id=32, x_init=x_init)
+    assert [r["tokens"] for r in rows] == direct.tokens.tolist() == [r["tokens"] for r in _read(tmp_path / "ar_full")[0]]
+    assert all(r["nfe"] == 29 == r["sequential_calls"] for r in rows)  # 29 tokens drawn: prefill + 28 decodes
+    assert summary["sampler"] == "ar" and summary["kv_cache"] and summary["checkpoints"].keys() == {"ar"}
+
+
 def _sample_on_rank(overrides: list[str], out: str, proposal_parallel: int):
     from edlm_dist.config.load import load_config
     from edlm_dist.sampling.run import run_sampling
@@ -175,6 +224,15 @@ def test_bad_input_gives_one_line_errors(runs, tmp_path, capsys):
         "must be 'ar'": [dit, "sample.sampler=edlm", "sample.energy=ar", f"sample.ar_ckpt={runs['mdlm']}"],
         "NaN/Inf": [dit, "sample.sampler=edlm", "sample.energy=nce", f"sample.energy_ckpt={nan_run}",
                     "sample.num_samples=2"],
+        "sample.sampler=ar needs sample.ar_ckpt": ["sample.sampler=ar"],
+        "cannot fill gaps": ["sample.sampler=ar", f"sample.ar_ckpt={runs['ar']}", "--prompt", "w1 [MASK] w2"],
+        "is not in the synthetic vocabulary": [dit, "--prompt", "w3 hello"],
+        "outside the vocabulary": [dit, "--prompt-ids", "3 99"],
+        "sample.stride=31 must be in [1, L-2]": [dit, "sample.length=64", "sample.stride=31"],
+        "shorter than the diffusion model's rows": [dit, "sample.length=16"],
+        "has 34 tokens": [dit, "--prompt", " ".join(["w1"] * 33)],
+        "sample.top_k / sample.top_p apply to sample.sampler=ar only": [dit, "sample.top_k=3"],
+        "prompts file": [dit, "--prompts-file", str(tmp_path / "no_such_prompts.jsonl")],
     }
     for i, (message, overrides) in enumerate(cases.items()):
         out = tmp_path / f"bad{i}"

@@ -130,6 +130,8 @@ def validate_config(cfg: RunConfig) -> None:
            f"pipeline.block_size={pb} must be 0 (no block-causal model) or a divisor of data.seq_len={d.seq_len} below it")
     _check(pb == 0 or cfg.pipeline.ar_steps >= 1, f"pipeline.block_size={pb} samples block-edlm-ar, which needs the ar "
            "model; train it (pipeline.ar_steps >= 1) or set pipeline.block_size=0")
+    _check(cfg.pipeline.prompt_tokens < d.seq_len, f"pipeline.prompt_tokens={cfg.pipeline.prompt_tokens} leaves "
+           f"nothing to generate in rows of data.seq_len={d.seq_len}; use fewer")
     _validate_slurm(cfg.slurm)
 
 

@@ -221,6 +221,9 @@ class PipelineConfig:
     block_size: int = number(0, 0, 2**20)  # > 0: also train a block-causal MDLM (model.block_size) into OUT/block; docs/block_diffusion.md
     block_steps: int = number(0, 0, BIG)  # its training steps; 0 = mdlm_steps
     block_step_counts: list[int] = numbers([1, 2, 4], 1, 10**6)  # its sampler's steps PER BLOCK
+    ar_baseline: bool = flag(True)  # sample the AR model with the AR baseline sampler (spec §5.7): one row per run
+    prompts: int = number(8, 0, 10**6, why="0 means no prompted cell")  # prompted-generation cell (exact judge only): prompts from validation rows
+    prompt_tokens: int = number(0, 0, 2**24, why="0 means L // 4")  # tokens per prompt, BOS included
 
 
 @dataclass

@@ -317,6 +317,12 @@ def write_outputs(results: dict, out: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- `edlm pipeline` report
+def show_intervals(row: dict) -> dict:
+    """Gen PPL, entropy and seconds per sample of a result row as 'value [low, high]' where intervals exist."""
+    return {**row, "gen_ppl": with_interval(row, "gen_ppl", "{:.2f}"), "entropy": with_interval(row, "entropy"),
+            "seconds_per_sample": with_interval(row, "seconds_per_sample", "{:.4f}")}
+
+
 def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, settings_line: str, *,
                           title: str = "EDLM vs MDLM on the synthetic language (exact oracle)",
                           data_label: str = "data (exact)", extra_lines: Sequence[str] = ()) -> None:
@@ -325,16 +331,37 @@ def write_pipeline_report(results: dict, methods: Sequence[str], out: Path, sett
     curves = {m: results["methods"][m] for m in methods if m in results["methods"]}
     plot_frontier(curves, out / "frontier.png")
     plot_entropy_vs_genppl(curves, out / "entropy_vs_genppl.png")
-    rows = [{"method": method, **row} for method, series in curves.items() for row in series]
-    rows.append({"method": data_label, **results["data"]})
-    for row in rows:
-        row["gen_ppl"], row["entropy"], row["seconds_per_sample"] = (
-            with_interval(row, "gen_ppl", "{:.2f}"), with_interval(row, "entropy"),
-            with_interval(row, "seconds_per_sample", "{:.4f}"))
-    lines = [f"# {title}", "", settings_line, "", INTERVALS_NOTE, "",
+    rows = [show_intervals({"method": method, **row}) for method, series in curves.items() for row in series]
+    rows.append(show_intervals({"method": data_label, **results["data"]}))
+    lines = [f"# {title}", "", settings_line, "", INTERVALS_NOTE,
+             "`ar`: the AR baseline sampler (spec §5.7, KV cache).", "",
              markdown_table(rows, ["method", "steps", "gen_ppl", "nll_per_token", "entropy", "seconds_per_sample",
                                    "sequential_calls", "k", "window"]), "", *extra_lines]
     lines += comparison_section(results.get("comparisons", []), "mdlm") + [""]
+    if "prompted" in results:
+        lines += prompted_section(results["prompted"]) + [""]
     if "likelihood" in results:
         lines += likelihood_section(results["likelihood"], out) + [""]
     write_atomic(out / PIPELINE_REPORT, "\n".join(lines))
+
+
+def prompted_section(cell: dict) -> list[str]:
+    """The pipeline's prompted-generation cell: conditional Gen PPL per method and a few samples as text."""
+    rows = []
+    for method, m in cell["methods"].items():
+        shown = show_intervals(m)
+        rows.append({"method": method, "cond_gen_ppl": shown["gen_ppl"], "cond_nll_per_token": m["nll_per_token"],
+                     "entropy": shown["entropy"], "seconds_per_sample": shown["seconds_per_sample"],
+                     "sequential_calls": m.get("mean_sequential_calls")})
+    data = cell["data"]
+    rows.append({"method": "data (held-out continuations)", "cond_gen_ppl": data["gen_ppl"],
+                 "cond_nll_per_token": data["nll_per_token"], "entropy": data.get("entropy_bits")})
+    lines = ["## Prompted generation", "",
+             f"{len(cell['prompts'])} prompts (the first {cell['prompt_tokens']} tokens of validation "
+             f"rows, BOS included), {cell['samples_per_prompt']} samples each; diffusion samplers at T = "
+             f"{cell['steps']}. Conditional Gen PPL = exp(−log p(continuation | prompt) per generated token), exact.",
+             "", markdown_table(rows, ["method", "cond_gen_ppl", "cond_nll_per_token", "entropy",
+                                       "seconds_per_sample", "sequential_calls"]), "Samples (generated spans in [[ ]]):", ""]
+    for method, m in cell["methods"].items():
+        lines += [f"* {method}: `{text}`" for text in m.get("examples", [])]
+    return lines

@@ -48,6 +48,8 @@ def method_name(summary: dict, path: str | Path) -> str:
     sampler = sampler_setting(summary, "sampler")
     if sampler == "mdlm":
         return "MDLM"
+    if sampler == "ar":
+        return "AR"
     if sampler == "edlm":
         energy = str(sampler_setting(summary, "energy") or "")
         return METHOD_NAMES.get(energy, f"EDLM-{energy}" if energy else "EDLM")
@@ -97,6 +99,29 @@ class ExactSyntheticOracle:
         token_rows = [row["tokens"] for row in rows]
         nll = -self.log_probs(token_rows)
         return nll, torch.tensor([len(row) - 1 for row in token_rows], dtype=torch.float64)
+
+
+def prompt_length(row: dict) -> int:
+    """Tokens of a sample's prompt: its leading fixed span (``spans`` in samples.jsonl), at least BOS."""
+    spans = row.get("spans") or []
+    return max(1, spans[0][1]) if spans and spans[0][0] == 0 and spans[0][2] == "fixed" else 1
+
+
+class PromptedExactOracle(ExactSyntheticOracle):
+    """Conditional Gen PPL of prompted rows: −log p(continuation | prompt) = −log p(row) + log p(prompt), over
+    the N − p tokens after a p-token prompt (the exact prefix marginal, ``SyntheticLanguage.prefix_log_prob``).
+    A row without a prompt scores as under :class:`ExactSyntheticOracle` (its prompt is BOS, p = 1)."""
+
+    name = "exact-conditional"
+
+    def score_rows(self, rows: list[dict]) -> tuple[Tensor, Tensor]:
+        nll, _ = super().score_rows(rows)
+        lengths = [(len(row["tokens"]), prompt_length(row)) for row in rows]
+        for length, prompt in sorted(set(lengths)):
+            index = [i for i, key in enumerate(lengths) if key == (length, prompt)]
+            prefixes = torch.tensor([rows[i]["tokens"][:prompt] for i in index])
+            nll[index] += self.language_at(length).prefix_log_prob(prefixes)
+        return nll, torch.tensor([n - p for n, p in lengths], dtype=torch.float64)
 
 
 class HFOracle:

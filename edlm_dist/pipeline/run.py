@@ -8,7 +8,9 @@ re-run reuses finished work and an interrupted one resumes):
 2. ``mdlm/``, ``ar/``, ``nce/``  the trained models the methods need (``edlm train`` runs; resumable); with
    ``pipeline.block_size`` b also ``block/``: a block-causal MDLM (model.block_size=b, docs/block_diffusion.md)
 3. ``samples/<method>_T<steps>/``  the ``pipeline.methods`` (MDLM; EDLM with AR, coAR, NCE, exact energies);
-   with a block model also ``block-mdlm`` and ``block-edlm-ar``, block by block (T = steps per block)
+   with a block model also ``block-mdlm`` and ``block-edlm-ar``, block by block (T = steps per block);
+   ``samples/ar/`` the AR baseline sampler (``pipeline.ar_baseline``); ``samples/prompted/<method>/`` prompted
+   generation (``pipeline.prompts``, exact judge only)
 4. ``likelihood.json``  validation likelihood: MDLM NELBO, AR NLL, EDLM-coAR, Theorem-1 bounds (and
    ``likelihood_block.json``: the block model's block NELBO)
 5. ``results.json``, ``results.md``, ``samples.md`` (decoded samples), ``frontier.png``, ``entropy_vs_genppl.png``
@@ -25,13 +27,14 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from edlm_dist.artifacts.provenance import git_commit
 from edlm_dist.artifacts.samples import read_sample_summary, read_samples_jsonl, samples_path, summary_path
 from edlm_dist.artifacts.weights import load_trained_model, synthetic_language_for, trained_step
 from edlm_dist.config.load import save_config
 from edlm_dist.config.schema import METHOD_MODELS, RunConfig
+from edlm_dist.data.loader import build_eval_loader
 from edlm_dist.data.prepare import prepare_data
 from edlm_dist.data.shards import has_manifest, load_manifest, saved_tokenizer, validate_dataset
 from edlm_dist.errors import ConfigError
@@ -44,15 +47,18 @@ from edlm_dist.evaluation.run import (
 )
 from edlm_dist.evaluation.sample_metrics import (
     ExactSyntheticOracle,
+    PromptedExactOracle,
     SampleScores,
     compare_at_equal_steps,
     data_reference,
     score_sample_file,
+    score_samples,
 )
 from edlm_dist.parallel.runtime import init_parallel
 from edlm_dist.storage.files import read_json, write_atomic, write_json_atomic
 from edlm_dist.sampling.model_energies import ENERGIES, build_energy
 from edlm_dist.sampling.engine import ModelDenoiser
+from edlm_dist.sampling.conditioning import IDS_PREFIX
 from edlm_dist.sampling.run import run_sampling
 from edlm_dist.training.trainer import Trainer
 
@@ -62,6 +68,8 @@ RUN_NAMES = ("mdlm", "ar", "nce")  # the trained models' folders under OUT
 
 SAMPLES_REPORT = "samples.md"
 SPLIT_ROWS = {"train": "training rows", "valid": "validation rows"}
+AR_METHOD = "ar"  # the AR baseline sampler (spec §5.7): one row, no step count
+PROMPTED_METHODS = ("mdlm", "edlm-ar", AR_METHOD)  # the prompted-generation cell (those that ran)
 METHODS = {  # name -> (sampler, energy)
     "mdlm": ("mdlm", None),
     "edlm-ar": ("edlm", "ar"),
@@ -136,19 +144,58 @@ def block_config(cfg: RunConfig) -> RunConfig:
     return stage
 
 
-def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, steps: int) -> dict:
-    folder = out / "samples" / f"{method}_T{steps}"
+def sample_stage(cfg: RunConfig, runs: dict[str, Path], out: Path, method: str, steps: int, *,
+                 folder: Optional[Path] = None, prompts: Optional[list[str]] = None, num_samples: int = 0) -> dict:
+    """Samples of ``method`` (a METHODS / BLOCK_METHODS key or ``ar``) into ``folder`` (default
+    samples/<method>_T<steps>)."""
+    folder = folder or out / "samples" / f"{method}_T{steps}"
     if summary_path(folder).is_file():
         return read_sample_summary(samples_path(folder))
-    sampler, energy = {**METHODS, **BLOCK_METHODS}[method]
+    sampler, energy = {**METHODS, **BLOCK_METHODS}.get(method, (AR_METHOD, None))
     stage = copy.deepcopy(cfg)
     s = stage.sample
-    s.sampler, s.steps, s.num_samples = sampler, steps, cfg.pipeline.num_samples
+    s.sampler, s.steps, s.num_samples = sampler, steps, num_samples or cfg.pipeline.num_samples
     s.energy = energy or s.energy
     s.diffusion_ckpt, s.ar_ckpt, s.energy_ckpt = (str(runs.get(name, "")) for name in ("mdlm", "ar", "nce"))
     if method in BLOCK_METHODS:  # block by block with the block-causal model (prefix-cached); T = steps per block
         s.diffusion_ckpt, s.block_size = str(runs["block"]), cfg.pipeline.block_size
+    s.prompts = list(prompts or [])
     return run_sampling(stage, folder)
+
+
+def validation_prompts(cfg: RunConfig, data_dir: str) -> list[str]:
+    """The prompted cell's prompts: the first ``prompt_tokens`` tokens (BOS included) of the first
+    ``pipeline.prompts`` validation rows, as token-id templates."""
+    p = cfg.pipeline
+    tokens = p.prompt_tokens or cfg.data.seq_len // 4
+    rows = next(iter(build_eval_loader(data_dir, "valid", micro_batch=p.prompts, max_rows=p.prompts)))
+    return [IDS_PREFIX + " ".join(map(str, row[:tokens].tolist())) for row in rows]
+
+
+def prompted_stage(cfg: RunConfig, runs: dict[str, Path], data_dir: str, out: Path, language) -> dict:
+    """Prompted generation: MDLM, EDLM-AR (at the largest step count) and the AR baseline continue the same
+    validation prompts; conditional Gen PPL = exp(−log p(continuation | prompt) per generated token) under the
+    exact language, the data's own continuations scored the same way, and a few samples as text."""
+    prompts = validation_prompts(cfg, data_dir)
+    per_prompt = max(1, cfg.pipeline.num_samples // len(prompts))
+    steps = max(cfg.pipeline.step_counts)
+    oracle = PromptedExactOracle(language)
+    tokens = len(prompts[0][len(IDS_PREFIX):].split())
+    cell: dict[str, Any] = {"prompts": prompts, "prompt_tokens": tokens, "samples_per_prompt": per_prompt,
+                            "steps": steps, "methods": {}}
+    ran = [m for m in PROMPTED_METHODS if m == AR_METHOD and "ar" in runs or m in cfg.pipeline.methods]
+    for method in ran:
+        folder = out / "samples" / "prompted" / method
+        summary = sample_stage(cfg, runs, out, method, steps, folder=folder, prompts=prompts, num_samples=per_prompt)
+        rows = read_samples_jsonl(samples_path(folder))
+        cell["methods"][method] = {**sample_metrics(folder, oracle)[0],
+                                   "mean_sequential_calls": summary.get("mean_sequential_calls"),
+                                   "examples": [row["marked_text"] for row in rows[:: per_prompt * max(1, len(prompts) // 2)]]}
+    rows = next(iter(build_eval_loader(data_dir, "valid", micro_batch=len(prompts), max_rows=len(prompts))))
+    held_out = [{"tokens": row.tolist(), "spans": [[0, tokens, "fixed"], [tokens, len(row), "generated"]]}
+                for row in rows]
+    cell["data"] = score_samples(held_out, oracle, entropy=True).summary()
+    return cell
 
 
 def pipeline_judge(cfg: RunConfig, data_dir: str, out: Path, device) -> tuple[Any, str]:
@@ -248,6 +295,7 @@ def report(cfg: RunConfig, out: Path, results: dict) -> None:
     title = ("EDLM vs MDLM on the synthetic language (exact oracle)" if exact else
              f"EDLM vs MDLM on real text ({load_manifest(results['data_dir'])['source'].get('name')}), independent judge")
     methods = list(cfg.pipeline.methods) + (list(BLOCK_METHODS) if cfg.pipeline.block_size else [])
+    methods += [AR_METHOD] if AR_METHOD in results["methods"] else []
     write_pipeline_report(results, methods, out, settings_line, title=title,
                           data_label="data (exact)" if exact else f"real text ({SPLIT_ROWS[results['data']['split']]})",
                           extra_lines=block_report_lines(cfg, results))
@@ -265,7 +313,7 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
         raise ConfigError("pipeline.methods has edlm-oracle, which needs the synthetic language's exact energy; "
                           "drop it for real text")
     needed = {"mdlm"} | {model for method in p.methods for model in METHOD_MODELS[method]}
-    needed |= {"ar"} if p.block_size else set()  # block-edlm-ar
+    needed |= {"ar"} if p.block_size or p.ar_baseline else set()  # block-edlm-ar; the AR baseline
     runs = {"mdlm": train_stage(cfg, data_dir, out / "mdlm", "mdlm", p.mdlm_steps)}
     if "ar" in needed:
         runs["ar"] = train_stage(cfg, data_dir, out / "ar", "ar", p.ar_steps)
@@ -288,6 +336,12 @@ def run_pipeline(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
     # equal T means equal work only for the whole-row samplers (block-* rows take T steps PER BLOCK)
     results["comparisons"] = compare_at_equal_steps(
         {cell: score for cell, score in scores.items() if cell[0] not in BLOCK_METHODS}, baseline="mdlm")
+    if p.ar_baseline:
+        summary = sample_stage(cfg, runs, out, AR_METHOD, cfg.sample.steps, folder=out / "samples" / AR_METHOD)
+        results["methods"][AR_METHOD] = [{"steps": None, **sample_metrics(out / "samples" / AR_METHOD, oracle)[0],
+                                          "mean_nfe": summary.get("mean_nfe")}]
+    if p.prompts and isinstance(oracle, ExactSyntheticOracle):
+        results["prompted"] = prompted_stage(cfg, runs, data_dir, out, oracle.language)
     results["data"] = data_values(cfg, data_dir, oracle)
     results["likelihood"] = likelihood_stage(cfg, {k: v for k, v in runs.items() if k != "block"}, data_dir, out)
     if p.block_size:

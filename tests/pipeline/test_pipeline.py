@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 
 from edlm_dist.config.load import load_config
+from edlm_dist.data.loader import build_eval_loader
 from tests.spawn import run_on_ranks
 
 TINY = ["model.hidden_size=32", "model.n_blocks=1", "model.cond_dim=16", "data.synthetic.train_rows=512",
         "data.synthetic.valid_rows=64", "train.global_batch=16", "train.micro_batch=16", "train.log_every=5",
         "pipeline.mdlm_steps=20", "pipeline.ar_steps=20", "pipeline.nce_steps=10", "pipeline.num_samples=8",
-        "pipeline.step_counts=[2,4]", "sample.k=2", "sample.batch_size=8", "eval.n_negatives=4",
+        "pipeline.step_counts=[2,4]", "pipeline.prompts=2", "sample.k=2", "sample.batch_size=8", "eval.n_negatives=4",
         "eval.batch_size=16", "eval.max_batches=2", "logging.progress=false",
         "pipeline.block_size=4", "pipeline.block_steps=10", "pipeline.block_step_counts=[1,2]"]
 
@@ -29,8 +30,21 @@ def test_pipeline_writes_every_result_and_reuses_finished_stages(tmp_path):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert set(saved["methods"]) == {"mdlm", "edlm-ar", "edlm-coar", "edlm-nce", "edlm-oracle", "block-mdlm",
-                                     "block-edlm-ar"}
+                                     "block-edlm-ar", "ar"}
+    ar_row = saved["methods"]["ar"][0]  # the AR baseline sampler: one row, L - 1 sequential calls
+    assert ar_row["steps"] is None and ar_row["gen_ppl"] > 1 and ar_row["mean_nfe"] == 31
+    prompted = saved["prompted"]  # 2 prompts of 8 validation tokens, 4 samples each, per method
+    assert len(prompted["prompts"]) == 2 and prompted["samples_per_prompt"] == 4 and prompted["prompt_tokens"] == 8
+    valid = next(iter(build_eval_loader(tmp_path / "data", "valid", micro_batch=2, max_rows=2)))
+    for method in ("mdlm", "edlm-ar", "ar"):
+        rows = [json.loads(line) for line in
+                (tmp_path / "samples" / "prompted" / method / "samples.jsonl").read_text().splitlines()]
+        assert [r["tokens"][:8] for r in rows] == [valid[i, :8].tolist() for i in (0, 0, 0, 0, 1, 1, 1, 1)]
+        assert prompted["methods"][method]["gen_ppl"] > 1 and len(prompted["methods"][method]["examples"]) >= 1
+    assert prompted["data"]["scored_tokens"] == 2 * 24  # the held-out continuations, scored the same way
     for method, rows in saved["methods"].items():
+        if method == "ar":
+            continue
         assert [row["steps"] for row in rows] == ([1, 2] if method.startswith("block") else [2, 4])
         for row in rows:
             assert row["gen_ppl"] > 1 and row["entropy"] > 0 and row["seconds_per_sample"] > 0
@@ -45,6 +59,8 @@ def test_pipeline_writes_every_result_and_reuses_finished_stages(tmp_path):
     assert {"ar", "mdlm", "edlm_coar", "edlm_ar", "edlm_nce"} <= set(saved["likelihood"]["methods"])
     table = (tmp_path / "results.md").read_text()
     assert "| edlm-oracle | 2 |" in table and "data (exact)" in table and "| block-mdlm | 1 |" in table
+    assert "| ar | - |" in table
+    assert "## Prompted generation" in table and "data (held-out continuations)" in table and "[[" in table
     # every cell carries its intervals; every EDLM cell is compared with MDLM at its T
     for rows in saved["methods"].values():
         for row in rows:

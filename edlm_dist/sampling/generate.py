@@ -59,4 +59,4 @@ class Generator:
         if x_init.shape[1] <= self.context:
             return self.window(x_init, ids)
         return generate_long(self.window, x_init, ids, context=self.context, stride=stride or self.context // 2,
-                             eos_id=self.eos_id, mask_id=self.mask_id, causal=self.settings.sampler == "ar")
+                             bos_id=self.bos_id, eos_id=self.eos_id, causal=self.settings.sampler == "ar")

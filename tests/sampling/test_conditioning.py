@@ -87,26 +87,28 @@ def test_start_rows_spans_and_marked_text():
 
 
 @pytest.mark.parametrize("total,context,stride,causal", [(32, 32, 16, False), (70, 32, 16, False), (33, 8, 3, False),
-                                                          (70, 32, 16, True), (40, 32, 30, False)])
-def test_windows_cover_the_row_once_and_keep_a_prefix(total, context, stride, causal):
+                                                          (70, 32, 16, True), (40, 32, 29, False), (200, 32, 1, True)])
+def test_windows_cover_the_row_once_framed_like_training_rows(total, context, stride, causal):
     windows = window_plan(total, context, stride, causal=causal)
     committed = 0
     for index, window in enumerate(windows):
-        assert window.body + window.placeholder <= context and window.start <= committed  # no gap
+        size = window.bos + window.body + window.eos
+        assert size == (context if not causal or index == len(windows) - 1 else min(context, total) - (total > context))
+        assert window.start <= committed  # no gap: every window starts inside what is committed
+        assert window.bos == (window.start > 0) and window.eos == (not causal and window.start + window.body < total)
         if 0 < index < len(windows) - 1:
-            assert window.start - windows[index - 1].start == stride
-            assert committed - window.start == context - 1 - stride  # the prefix it keeps
+            assert window.start + window.body - committed == stride  # stride new tokens
+            assert committed - window.start == context - 2 - stride  # the prefix it keeps
         committed = max(committed, window.start + window.body)
-        assert window.placeholder == (not causal and index < len(windows) - 1)
     assert committed == total and windows[-1].start + windows[-1].body == total
     with pytest.raises(ConfigError, match="stride"):
-        window_plan(total + 40, context, context - 1)
+        window_plan(total + 40, context, context - 2)
 
 
 def test_long_rows_keep_fixed_tokens_and_committed_prefixes():
     """A recording stub fills every free slot with (window index * 10 + slot) % 30; the driver must hand each
-    window the committed tokens, a fixed EOS placeholder, and the prompt tokens that fall into it."""
-    mask, eos, context, stride, total = 34, 33, 8, 3, 20
+    window the committed tokens between placeholder BOS/EOS, and the prompt tokens that fall into it."""
+    mask, bos, eos, context, stride, total = 34, 32, 33, 8, 3, 20
     seen = []
 
     def stub(state, ids):
@@ -116,20 +118,18 @@ def test_long_rows_keep_fixed_tokens_and_committed_prefixes():
         return SampleBatch(tokens=torch.where(state == mask, fill.expand_as(state), state), nfe=1)
 
     x_init = torch.full((2, total), mask)
-    x_init[:, 0], x_init[0, 14] = 32, 7  # BOS; a fixed token far beyond the first window
-    out = generate_long(stub, x_init, [5, 6], context=context, stride=stride, eos_id=eos, mask_id=mask)
+    x_init[:, 0], x_init[0, 14] = bos, 7  # BOS; a fixed token far beyond the first window
+    out = generate_long(stub, x_init, [5, 6], context=context, stride=stride, bos_id=bos, eos_id=eos)
     plan = window_plan(total, context, stride)
     assert len(seen) == len(plan) and out.nfe == len(plan)
-    assert bool((out.tokens != mask).all()) and out.tokens[0, 14] == 7 and bool((out.tokens[:, 0] == 32).all())
-    for (state, ids), window in zip(seen, plan):
-        assert ids == [5 + plan.index(window) * WINDOW_ID_STRIDE, 6 + plan.index(window) * WINDOW_ID_STRIDE]
-        body = state[:, : window.body]
+    assert bool((out.tokens != mask).all()) and out.tokens[0, 14] == 7 and bool((out.tokens[:, 0] == bos).all())
+    for index, ((state, ids), window) in enumerate(zip(seen, plan)):
+        assert ids == [5 + index * WINDOW_ID_STRIDE, 6 + index * WINDOW_ID_STRIDE] and state.shape[1] == context
+        assert bool((state[:, 0] == bos).all()) and bool((state[:, -1] == eos).all()) == window.eos
+        body = state[:, int(window.bos) : int(window.bos) + window.body]
         final = out.tokens[:, window.start : window.start + window.body]
         assert torch.equal(body[body != mask], final[body != mask])  # fixed slots were kept
-        if window.placeholder:
-            assert bool((state[:, -1] == eos).all())
-    assert bool((out.tokens[:, 1:-1] != eos).all())  # no placeholder leaked into the row
-    assert bool((out.tokens[:, -1] == eos).all())  # the row's own end is a framing EOS
+    assert bool((out.tokens[:, 1:] != bos).all()) and bool((out.tokens != eos).all())  # no placeholder leaked
 
 
 @pytest.mark.parametrize("sampler", ["mdlm", "edlm", "ar"])

@@ -146,14 +146,14 @@ def test_prompts_infilling_long_rows_and_show(runs, tmp_path, capsys):
     starts = {0: [32, 3, 30], 1: [32, 7, None, 8], 2: [32, 1, None, None, None, 2]}
     assert [r["prompt_index"] for r in rows] == [0, 0, 1, 1, 2, 2]
     for row in rows:
-        assert len(row["tokens"]) == 48 and 34 not in row["tokens"] and row["tokens"][-1] == 33
+        assert len(row["tokens"]) == 48 and 34 not in row["tokens"]
         for position, token in enumerate(starts[row["prompt_index"]]):
             assert token is None or row["tokens"][position] == token  # fixed tokens kept
         fixed = [position for start, end, kind in row["spans"] if kind == "fixed" for position in range(start, end)]
         assert fixed == [p for p, t in enumerate(starts[row["prompt_index"]]) if t is not None]
         assert row["marked_text"].startswith("[BOS] ") and "[[" in row["marked_text"]
     assert summary["prompts"] == ["w3 w30", "32 7 _ 8", "w1 [MASK:3] w2"]
-    assert summary["length"] == 48 and summary["stride"] == 8 and summary["windows"] == 3
+    assert summary["length"] == 48 and summary["stride"] == 8 and summary["windows"] == 4
     assert summary["samples_per_prompt"] == 2 and summary["num_samples"] == 6
     assert captured.out.count("--- sample") == 3 and rows[0]["marked_text"] in captured.out
 
@@ -228,7 +228,7 @@ def test_bad_input_gives_one_line_errors(runs, tmp_path, capsys):
         "cannot fill gaps": ["sample.sampler=ar", f"sample.ar_ckpt={runs['ar']}", "--prompt", "w1 [MASK] w2"],
         "is not in the synthetic vocabulary": [dit, "--prompt", "w3 hello"],
         "outside the vocabulary": [dit, "--prompt-ids", "3 99"],
-        "sample.stride=31 must be in [1, L-2]": [dit, "sample.length=64", "sample.stride=31"],
+        "sample.stride=31 must be in [1, L-3]": [dit, "sample.length=64", "sample.stride=31"],
         "shorter than the diffusion model's rows": [dit, "sample.length=16"],
         "has 34 tokens": [dit, "--prompt", " ".join(["w1"] * 33)],
         "sample.top_k / sample.top_p apply to sample.sampler=ar only": [dit, "sample.top_k=3"],

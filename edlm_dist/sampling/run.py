@@ -142,8 +142,8 @@ def run_sampling(cfg: RunConfig, out_dir: str | os.PathLike, *, proposal_paralle
     prompts = []
     if cfg.sample.prompts or cfg.sample.prompts_file:
         if tokenizer is None:
-            raise ConfigError("prompts need the data's tokenizer, which is not available for this model; pass "
-                              "token-id templates (--prompt-ids) or keep the prepared data folder")
+            raise ConfigError("prompts need the data's tokenizer, which this model's meta.json cannot rebuild; keep "
+                              "the prepared data folder (data_dir in meta.json) next to the weights")
         prompts = load_prompts(cfg.sample.prompts, cfg.sample.prompts_file, tokenizer)
     shape = row_shape(cfg, int(dmeta["seq_len"]), prompts, int(dmeta["mask_id"]))
     needs_language = settings.sampler == "edlm" and cfg.sample.energy == "oracle"

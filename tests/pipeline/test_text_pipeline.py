@@ -10,7 +10,7 @@ import pytest
 from edlm_dist.config.load import load_config
 from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.data.prepare import prepare_data
-from edlm_dist.data.shards import load_manifest
+from edlm_dist.data.shards import load_manifest, saved_tokenizer
 from edlm_dist.errors import ConfigError
 from tests.spawn import run_on_ranks
 
@@ -50,20 +50,34 @@ def test_text_pipeline_end_to_end_with_the_held_out_judge(tmp_path):
     assert "on real text (text), independent judge" in table and "real text (training rows)" in table
     assert f"{results['methods']['mdlm'][0]['gen_ppl']:.2f} [" in table  # the estimate with its interval
     assert json.loads((tmp_path / "out" / "results.json").read_text())["judge"] == results["judge"]
+    _prompted_text_samples_from_the_cli(tmp_path)
 
 
-def test_prepare_stage_uses_data_dir_and_refuses_another_source(tmp_path):
-    from edlm_dist.pipeline.run import prepare_stage
+def _prompted_text_samples_from_the_cli(tmp_path):
+    """`edlm sample` on the real-text models: a prompt and an infilling template given as text, rows past the
+    context (semi-AR), and the AR baseline; samples.jsonl holds the decoded text, fixed characters in place."""
+    from edlm_dist.cli import main
 
-    given, corpus = tmp_path / "given", tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(PARAGRAPHS) + "\n")
-    prepare_data("text", given, seq_len=32, tokenizer_spec="char", input_path=corpus, progress=False)
-    cfg = load_config("configs/text_demo.yaml", [f"data.dir={given}", "data.seq_len=32"])
-    assert prepare_stage(cfg, tmp_path / "out1") == str(given) and not (tmp_path / "out1" / "data").exists()
-
-    out = tmp_path / "out2"
-    prepare_data("synthetic", out / "data", seq_len=32, synthetic_cfg=SyntheticConfig(train_rows=64, valid_rows=16),
-                 progress=False)  # an earlier synthetic run's data
-    cfg = load_config("configs/text_demo.yaml", ["data.seq_len=32"])
-    with pytest.raises(ConfigError, match="holds synthetic data .* asks for data.source=pydoc"):
-        prepare_stage(cfg, out)
+    out = tmp_path / "out"
+    common = ["sample", "configs/text_demo.yaml", *TINY, "sample.num_samples=2", "sample.steps=4",
+              f"sample.diffusion_ckpt={out / 'mdlm'}", f"sample.ar_ckpt={out / 'ar'}"]
+    runs = {"edlm": ["sample.sampler=edlm", "sample.energy=ar", "sample.length=48", "sample.stride=8",
+                     "--prompt", "Paragraph 1", "--prompt", "Paragraph [MASK:2] talks"],
+            "ar": ["sample.sampler=ar", "--prompt", "Paragraph 1"]}
+    tokenizer = saved_tokenizer(out / "data")
+    paragraph, talks = tokenizer.encode("Paragraph "), tokenizer.encode(" talks")
+    for name, args in runs.items():
+        assert main([*common, *args, "--out", str(tmp_path / name), "--show", "1"]) == 0
+        rows = [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+        assert len(rows) == (4 if name == "edlm" else 2)
+        for row in rows:
+            tokens, marked = row["tokens"], row["marked_text"]
+            assert len(tokens) == (48 if name == "edlm" else 32) and row["text"] == tokenizer.decode(tokens)
+            assert tokens[0] == tokenizer.bos_id and tokens[1:1 + len(paragraph)] == paragraph  # fixed text kept
+            if row["prompt"] == "Paragraph [MASK:2] talks":  # two generated characters between fixed text
+                after = 1 + len(paragraph) + 2
+                assert tokens[after:after + len(talks)] == talks
+                assert marked.startswith("[BOS]Paragraph [[") and " talks[[" in marked and marked.endswith("]]")
+            else:
+                assert tokens[1 + len(paragraph)] == tokenizer.encode("1")[0]
+                assert marked.startswith("[BOS]Paragraph 1[[") and marked.endswith("]]")

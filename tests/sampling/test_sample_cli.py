@@ -177,28 +177,42 @@ def test_ar_baseline_sampler_from_the_cli(runs, tmp_path, capsys):
     assert summary["sampler"] == "ar" and summary["kv_cache"] and summary["checkpoints"].keys() == {"ar"}
 
 
-def _sample_on_rank(overrides: list[str], out: str, proposal_parallel: int):
+def _sample_on_rank(overrides: list[str], out: str, proposal_parallel: int, prompts: list[str]):
     from edlm_dist.config.load import load_config
     from edlm_dist.sampling.run import run_sampling
 
-    summary = run_sampling(load_config(DEMO, overrides), out, proposal_parallel=proposal_parallel)
+    cfg = load_config(DEMO, overrides)
+    cfg.sample.prompts = prompts  # what --prompt sets
+    summary = run_sampling(cfg, out, proposal_parallel=proposal_parallel)
     return None if summary is None else (summary["proposal_parallel"], summary["data_parallel_groups"])
 
 
 def test_two_rank_sample_runs_write_the_single_rank_samples(runs, tmp_path, capsys):
     """Under a 2-rank launch the CLI path (layout, gather to rank 0, writing) gives the one-process rows,
-    both as one proposal group (P = 2, the default for k >= 2) and as two data-parallel groups (P = 1)."""
+    both as one proposal group (P = 2, the default for k >= 2) and as two data-parallel groups (P = 1):
+    unconditional rows, and rows with a prompt and an infilling template written past the context (40
+    tokens from a 32-token model: two semi-AR windows)."""
     overrides = ["logging.progress=false", "sample.sampler=edlm", "sample.energy=oracle", "sample.k=3",
                  "sample.window=0.5", "sample.steps=5", "sample.num_samples=5", "sample.batch_size=2",
                  f"sample.diffusion_ckpt={runs['mdlm']}"]
+    prompts = ["w3 w30", "w1 [MASK:3] w2"]
+    prompted = [*overrides, "sample.num_samples=2", "sample.length=40", "sample.stride=8"]
     assert _sample(capsys, tmp_path / "one", *overrides[1:])[0] == 0
-    single = [r["tokens"] for r in _read(tmp_path / "one")[0]]
-    for proposal_parallel, layout in ((0, (2, 1)), (1, (1, 2))):
-        out = tmp_path / f"two_p{proposal_parallel}"
-        results = run_on_ranks(_sample_on_rank, 2, overrides, str(out), proposal_parallel, timeout=240)
-        assert results == [layout, None]  # rank 0 writes and reports
-        rows, summary = _read(out)
-        assert [r["tokens"] for r in rows] == single and summary["world_size"] == 2
+    assert _sample(capsys, tmp_path / "one_prompted", *prompted[1:], "--prompt", prompts[0], "--prompt", prompts[1])[0] == 0
+    for name, args, given in (("", overrides, []), ("prompted", prompted, prompts)):
+        single_rows = _read(tmp_path / ("one_" + name if name else "one"))[0]
+        single = [r["tokens"] for r in single_rows]
+        assert len(single) == (4 if given else 5) and {len(row) for row in single} == {40 if given else 32}
+        for proposal_parallel, layout in ((0, (2, 1)), (1, (1, 2))):
+            out = tmp_path / f"two_{name}_p{proposal_parallel}"
+            results = run_on_ranks(_sample_on_rank, 2, args, str(out), proposal_parallel, given, timeout=240)
+            assert results == [layout, None]  # rank 0 writes and reports
+            rows, summary = _read(out)
+            assert [r["tokens"] for r in rows] == single and summary["world_size"] == 2
+            assert [r["spans"] for r in rows] == [r["spans"] for r in single_rows]
+    fixed = {0: {1: 3, 2: 30}, 1: {1: 1, 5: 2}}  # BOS, then the template's words (w3 -> 3, w30 -> 30)
+    for row in _read(tmp_path / "one_prompted")[0]:
+        assert all(row["tokens"][position] == token for position, token in fixed[row["prompt_index"]].items())
 
 
 def test_bad_input_gives_one_line_errors(runs, tmp_path, capsys):

@@ -53,3 +53,19 @@ def test_merge_runs_concatenates_seeds_setting_by_setting_and_refuses_mismatches
     for bad in ([_payload(1), _payload(1)], [_payload(1), _payload(2, names=("mdlm T=4",))]):
         with pytest.raises(SystemExit, match="error:"):
             merge_runs(bad)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def test_summary_is_strict_json_with_null_for_costs_never_reached():
+    import json
+    from pathlib import Path
+
+    from tools.frontier.__main__ import _finite_or_null
+
+    cleaned = _finite_or_null({"a": math.inf, "b": [1.5, -math.inf, {"c": math.nan}], "d": "x"})
+    assert cleaned == {"a": None, "b": [1.5, None, {"c": None}], "d": "x"}
+    committed = Path(__file__).resolve().parents[2] / "docs" / "frontier_summary.json"
+    json.loads(committed.read_text(), parse_constant=_refuse_constant)  # what a strict parser accepts

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 import time
@@ -151,7 +152,18 @@ def main() -> None:
     if args.summary:
         merged = json.loads(args.summary.read_text()) if args.summary.is_file() else {}
         merged[f"L{payload['length']}_batch{payload['batch_size']}"] = {"title": payload["title"], **summary}
-        args.summary.write_text(json.dumps(merged, indent=1) + "\n")
+        args.summary.write_text(json.dumps(_finite_or_null(merged), indent=1, allow_nan=False) + "\n")
+
+
+def _finite_or_null(value):
+    """Strict JSON for other tools: a cost never reached (inf) or undefined (nan) is written as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_null(item) for item in value]
+    return value
 
 
 if __name__ == "__main__":

@@ -107,21 +107,63 @@ def _resolve_precision(precision: str) -> str:
     return precision
 
 
-def estimate_memory(model_cfg: ModelConfig, vocab_size: int, length: int, micro_batch: int, zero_stage: int,
-                    dp: int, tp: int, precision: str, *, kind: str = "dit") -> dict[str, int]:
-    """Rough per-GPU bytes: params, grads, Adam states (by ZeRO stage), activations (+ frozen p_θ for NCE).
+# Saved activations of one DDiT block, bytes per token per hidden unit, measured with
+# torch.autograd.graph.saved_tensors_hooks (tests/models/test_memory_estimate.py re-measures them):
+# (replicated over TP, split over TP). bf16 = bf16 weights under bf16 autocast, as training runs.
+# Replicated: each LayerNorm keeps its fp32 input, normalised output and weighted output (autocast
+# off, spec §2.1) plus the modulated input of the next matmul; the MLP output is kept for the gate.
+# Split: the whole fused qkv (a view keeps it alive), rotated q and k, the attention output and its
+# projection input, the MLP hidden before and after GELU. Flash/SDPA keeps no L×L scores.
+BLOCK_SAVED_BYTES = {"bf16": (30, 30), "fp32": (36, 60)}
+HEAD_SAVED_BYTES = {"bf16": 14, "fp32": 16}  # final LayerNorm (fp32 x, y, y·w) + modulated input
 
-    bf16 follows DeepSpeed's bf16 mode: 2-byte params and grads, fp32 master + m + v (12 B/param).
-    fp32: 4-byte params and grads, m + v (8 B/param). ZeRO-1 splits the optimizer states over dp,
-    ZeRO-2 also the grads, ZeRO-3 also the params. Activations per block follow Korthikanti et
-    al. (2022) without sequence parallelism and with flash attention (no L×L scores):
-    L·B·H·(10 + 24/tp) bytes at 16 bits (doubled in fp32); with activation checkpointing only the
-    block inputs are kept plus one block's working set. Logits: fp32 (B, L, V/tp) and their grad.
-    A block-causal DiT runs its blocks on 2L tokens per row ([x_t ; x0]); its logits are still L per row.
+
+def activation_bytes(model_cfg: ModelConfig, vocab_size: int, length: int, micro_batch: int, tp: int,
+                     precision: str, *, kind: str = "dit") -> dict[str, int]:
+    """Activation bytes per GPU for one micro-batch of ``micro_batch`` rows of ``length`` tokens.
+
+    ``saved`` is what autograd keeps between forward and backward (what saved-tensor hooks see):
+    blocks + final layer + the fp32 log-probabilities the cross entropy saves. ``logits_transient``
+    is the rest of the logits' peak: the model's logits in the weight dtype, the fp32 upcast (bf16)
+    and the fp32 gradient of the log-probabilities in backward.
+    """
+    precision = _resolve_precision(precision)
+    weight_bytes, tokens = (2 if precision == "bf16" else 4), micro_batch * length
+    h, v_local = model_cfg.hidden_size, padded_vocab_size(vocab_size, tp) // tp
+    replicated, split = BLOCK_SAVED_BYTES[precision]
+    per_block = replicated + split / tp + (weight_bytes if model_cfg.dropout > 0 else 0) * 2  # 2 dropout masks: weight dtype on CPU, bool on CUDA (an upper bound)
+    attention_stats = 4 * model_cfg.n_heads / tp / h  # fp32 log-sum-exp per head and token
+    streams = 2 if kind == "dit" and model_cfg.block_size not in (0, length) else 1
+    block_tokens = streams * tokens  # block-causal DiT: the blocks run on [x_t ; x0]
+    if model_cfg.activation_checkpointing:  # block inputs only, plus one block's working set in backward
+        blocks = block_tokens * h * (model_cfg.n_blocks * weight_bytes + per_block + attention_stats)
+    else:
+        blocks = model_cfg.n_blocks * block_tokens * h * (per_block + attention_stats)
+    saved = blocks + tokens * h * HEAD_SAVED_BYTES[precision]
+    transient = 0
+    if kind == "energy":
+        saved *= 2  # a positive and a negative pass per row
+    else:
+        saved += tokens * v_local * 4  # fp32 log-probabilities kept by the cross entropy
+        transient = tokens * v_local * (weight_bytes + (4 if precision == "bf16" else 0) + 4)
+    return {"saved": int(saved), "logits_transient": int(transient)}
+
+
+def estimate_memory(model_cfg: ModelConfig, vocab_size: int, length: int, micro_batch: int, zero_stage: int,
+                    dp: int, tp: int, precision: str, *, kind: str = "dit", ema: bool = True) -> dict[str, int]:
+    """Per-GPU bytes: params, grads, Adam states (by ZeRO stage), EMA shadow, activations (+ frozen p_θ for NCE).
+
+    bf16 follows the engine (parallel/deepspeed_engine.py): 2-byte params and grads plus an fp32
+    gradient-accumulation buffer (split over dp from ZeRO-2), fp32 master + m + v (12 B/param),
+    and bf16 at ZeRO-0 runs as ZeRO-1. fp32: 4-byte params and grads, m + v (8 B/param). ZeRO-1
+    splits the optimizer states over dp, ZeRO-2 also the grads, ZeRO-3 also the params. The EMA
+    shadow is fp32 and whole on every data-parallel rank. Activations: :func:`activation_bytes`.
     """
     if zero_stage not in (0, 1, 2, 3) or dp < 1 or tp < 1:
         raise ConfigError(f"zero_stage={zero_stage}, dp={dp}, tp={tp}: need stage 0..3 and dp, tp >= 1")
     precision = _resolve_precision(precision)
+    if precision == "bf16":
+        zero_stage = max(zero_stage, 1)
     split = parameter_split(model_cfg, vocab_size, kind)
     h, v_pad = model_cfg.hidden_size, padded_vocab_size(vocab_size, tp)
     sharded = split["sharded"] + (v_pad - vocab_size) * h * (2 if kind != "energy" else 1)
@@ -129,25 +171,19 @@ def estimate_memory(model_cfg: ModelConfig, vocab_size: int, length: int, micro_
     weight_bytes = 2 if precision == "bf16" else 4
     params = local * weight_bytes
     grads = local * weight_bytes
+    accumulation = local * 4 if precision == "bf16" else 0
     optimizer = local * (12 if precision == "bf16" else 8)
     if zero_stage >= 1:
         optimizer //= dp
     if zero_stage >= 2:
         grads //= dp
+        accumulation //= dp
     if zero_stage >= 3:
         params //= dp
-    tokens = micro_batch * length
-    streams = 2 if kind == "dit" and model_cfg.block_size not in (0, length) else 1  # block-causal: [x_t ; x0]
-    block = streams * tokens * h * (10 + 24 / tp) * (weight_bytes / 2)
-    if model_cfg.activation_checkpointing:
-        activations = model_cfg.n_blocks * streams * tokens * h * weight_bytes + block
-    else:
-        activations = model_cfg.n_blocks * block
-    if kind == "energy":
-        activations *= 2  # a positive and a negative pass per row
-    else:
-        activations += 2 * tokens * (v_pad // tp) * 4
-    out = {"params": int(params), "grads": int(grads), "optimizer": int(optimizer), "activations": int(activations)}
+    acts = activation_bytes(model_cfg, vocab_size, length, micro_batch, tp, precision, kind=kind)
+    out = {"params": int(params), "grads": int(grads), "grad_accumulation": int(accumulation),
+           "optimizer": int(optimizer), "ema": int(local * 4) if ema else 0,
+           "activations": acts["saved"] + acts["logits_transient"]}
     if kind == "energy":  # the frozen diffusion model p_θ lives next to the energy net
         dit = parameter_split(model_cfg, vocab_size, "dit")
         out["frozen_diffusion"] = int((dit["sharded"] // tp + dit["replicated"] + dit["per_sequence"]) * weight_bytes)

@@ -99,6 +99,14 @@ def flops_per_token(model_cfg: ModelConfig, vocab_size: int, length: int, kind: 
     return 6.0 * (streams * trunk + output) + 12.0 * model_cfg.n_blocks * model_cfg.hidden_size * length * streams**2
 
 
+def nce_flops_per_token(model_cfg: ModelConfig, vocab_size: int, length: int, n_negatives: int) -> float:
+    """NCE training FLOPs per data token (eq. 10): the energy net's forward + backward on the data row and
+    its ``n_negatives`` negatives, plus the frozen diffusion model's forward that proposes them (a
+    forward is a third of :func:`flops_per_token`'s forward + backward count)."""
+    energy = flops_per_token(model_cfg, vocab_size, length, "energy")
+    return (1 + n_negatives) * energy + flops_per_token(model_cfg, vocab_size, length, "dit") / 3
+
+
 def _resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() else "fp32"

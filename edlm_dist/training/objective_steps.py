@@ -13,7 +13,7 @@ import torch
 from edlm_dist.artifacts.weights import load_trained_model
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError
-from edlm_dist.models.build import build_model
+from edlm_dist.models.build import build_model, flops_per_token, nce_flops_per_token
 from edlm_dist.objectives.losses import ar_loss, mdlm_loss, nce_loss
 from edlm_dist.objectives.schedule import NELBO_SAMPLING_EPS, LogLinearSchedule, mask_tokens, sample_times
 from edlm_dist.objectives.subs import subs_log_probs
@@ -54,6 +54,10 @@ class Objective:
 
     def tokens_per_row(self, seq_len: int) -> int:
         return seq_len
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token of :meth:`tokens_per_row` (MFU's numerator)."""
+        return flops_per_token(self.cfg.model, self.vocab_size, seq_len, self.model_kind)
 
 
 class MDLMObjective(Objective):
@@ -141,6 +145,9 @@ class NCEObjective(Objective):
         loss = nce_loss(e_pos, e_neg)
         stats = {"energy_pos": e_pos.detach().mean(), "energy_neg": e_neg.detach().mean()}
         return loss, stats
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return nce_flops_per_token(self.cfg.model, self.vocab_size, seq_len, self.cfg.train.n_negatives)
 
 
 def build_objective(cfg: RunConfig, vocab_size: int, mask_id: int, tp_size: int, device: torch.device):

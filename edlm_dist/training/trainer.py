@@ -35,7 +35,7 @@ from edlm_dist.data.loader import build_eval_loader, build_train_loader
 from edlm_dist.data.locations import retry_policy
 from edlm_dist.data.shards import validate_dataset
 from edlm_dist.errors import REQUEUE_EXIT_CODE, CheckpointError, ConfigError, TrainingError
-from edlm_dist.models.build import count_parameters, estimate_memory, flops_per_token
+from edlm_dist.models.build import count_parameters, estimate_memory
 from edlm_dist.parallel.collectives import all_reduce_values, max_over_ranks
 from edlm_dist.parallel.deepspeed_engine import build_engine, fp32_master_params, resolve_precision
 from edlm_dist.parallel.devices import device_generator, fork_rng_devices, generator_state, restore_generator
@@ -319,7 +319,7 @@ class Trainer:
 
     def _step_metrics(self, loss: torch.Tensor, seconds: float, tokens_per_step: int) -> dict:
         tokens_per_s = tokens_per_step / seconds
-        flops = flops_per_token(self.cfg.model, self.vocab_size, self.cfg.data.seq_len, self.objective.model_kind)
+        flops = self.objective.flops_per_token(self.cfg.data.seq_len)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None or not isinstance(grad_norm, (int, float)) and not torch.is_tensor(grad_norm):
             grad_norm = self._grad_norm

@@ -160,6 +160,7 @@ class SampleConfig:
     skip_idle_is: bool = flag(True)  # redraw mode: no IS for a row whose step reveals nothing (same tokens, docs/sampling.md)
     noise_removal: bool = flag(True)
     precision: str = choice("float64", "float64", "float32", "bfloat16")  # categorical sampling precision
+    model_precision: str = choice("auto", "auto", "fp32", "bf16")  # model forwards: auto = bf16 autocast + TF32 on CUDA, fp32 on CPU (parallel/precision.py)
     num_samples: int = number(16, 1, BIG)
     batch_size: int = number(8, 1, 10**7)
     seed: int = number(1, 0, SEED_MAX)
@@ -197,6 +198,7 @@ class EvalConfig:
     oracle: str = text("exact", ORACLE)  # exact (synthetic language) | ngram (fitted on the validation text) | an HF causal LM
     judge_order: int = number(5, 1, 10)  # eval.oracle=ngram: n-gram order of the Kneser-Ney judge
     oracle_batch_size: int = number(8, 1, 10**6)
+    model_precision: str = choice("auto", "auto", "fp32", "bf16")  # model forwards: auto = bf16 autocast + TF32 on CUDA, fp32 on CPU
     n_negatives: int = number(16, 1, 10**6)  # Theorem-1 partition estimates
     batch_size: int = number(16, 1, 10**7)
     max_batches: int = number(0, 0, BIG)  # 0: the whole validation split

@@ -55,6 +55,7 @@ from edlm_dist.evaluation.sample_metrics import (
     fit_ngram_judge,
     score_sample_file,
 )
+from edlm_dist.parallel.precision import inference_precision
 from edlm_dist.parallel.collectives import all_reduce_float64
 from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
 from edlm_dist.sampling.run import run_sampling
@@ -303,10 +304,12 @@ def run_evaluation(cfg: RunConfig, out_dir: str | os.PathLike) -> dict:
                                       "checkpoints": plan.checkpoints, "sample_files": plan.sample_files,
                                       "world_size": ctx.world_size, "dp_size": ctx.dp_size, "tp_size": ctx.tp_size,
                                       "device": str(ctx.device), "config": config_to_dict(cfg)}}
-        if "ppl" in plan.metrics:
-            results["likelihood"] = run_likelihood(cfg, plan, ctx)
-        if plan.needs_samples:
-            results["samples"], reference, comparisons = run_sample_metrics(cfg, plan, ctx)
+        with inference_precision(ctx.device, cfg.eval.model_precision) as precision:
+            results["settings"]["model_precision"] = precision
+            if "ppl" in plan.metrics:
+                results["likelihood"] = run_likelihood(cfg, plan, ctx)
+            if plan.needs_samples:
+                results["samples"], reference, comparisons = run_sample_metrics(cfg, plan, ctx)
             if reference is not None:
                 results["data_reference"] = reference
             if comparisons:

@@ -21,6 +21,12 @@ def rows_per_forward(device: torch.device, length: int, limit: int) -> int:
     return max(1, limit)
 
 
+def rows_within_memory(device: torch.device, bytes_per_row: int, cpu_bytes: int) -> int:
+    """Rows whose working set fits: on CUDA half of the memory free now, elsewhere ``cpu_bytes``."""
+    budget = torch.cuda.mem_get_info(device)[0] // 2 if device.type == "cuda" else cpu_bytes
+    return max(1, budget // max(1, bytes_per_row))
+
+
 def row_chunks(n: int, rows_per_chunk: int) -> Iterator[slice]:
     """Consecutive slices of at most ``rows_per_chunk`` rows covering ``range(n)``."""
     for start in range(0, n, rows_per_chunk):

@@ -22,13 +22,14 @@ import torch
 
 from edlm_dist.errors import ConfigError
 from edlm_dist.objectives.schedule import LogLinearSchedule
-from edlm_dist.sampling.chunking import row_chunks, rows_per_forward
+from edlm_dist.sampling.chunking import row_chunks, rows_per_forward, rows_within_memory
 from edlm_dist.sampling.energies import ar_energy, oracle_energy
 from edlm_dist.sampling.prefix_energies import ARPrefixSession, OraclePrefixSession
 
 
 ENERGIES = ("ar", "coar", "nce", "oracle")
-MAX_CHUNK_ELEMENTS = 1 << 27  # rows * L * V of one AR log-prob chunk (512 MiB in float32)
+CPU_CHUNK_BYTES = 3 * 4 << 27  # AR log-prob working set of one chunk off CUDA: 2**27 logits x LOG_PROB_BYTES (1.5 GiB)
+LOG_PROB_BYTES = 12  # per row, position and vocabulary entry: the logits, their fp32 copy, the log-softmax
 
 
 class AREnergy:
@@ -52,7 +53,9 @@ class AREnergy:
         """(N, L): column i >= 1 = log p_AR(x0^i | x0^{<i}); column 0 = 0 (unscored)."""
         n, length = x0.shape
         vocab = getattr(self.model, "vocab_size", 1)
-        memory_limit = MAX_CHUNK_ELEMENTS // max(1, length * vocab)
+        # All k proposals of a batch in one forward where memory allows (on CUDA: half the free memory),
+        # not a fixed element count that allowed 2 rows at L=1024, V=50k.
+        memory_limit = rows_within_memory(x0.device, length * vocab * LOG_PROB_BYTES, CPU_CHUNK_BYTES)
         rows = self.max_chunk_rows or rows_per_forward(x0.device, length, memory_limit)
         out = torch.zeros((n, length), dtype=torch.float32, device=x0.device)
         for part in row_chunks(n, rows):

@@ -29,6 +29,7 @@ from edlm_dist.artifacts.weights import load_trained_model, read_weights_meta, s
 from edlm_dist.config.load import config_to_dict
 from edlm_dist.config.schema import RunConfig
 from edlm_dist.errors import CheckpointError, ConfigError, DataError
+from edlm_dist.parallel.precision import inference_precision
 from edlm_dist.parallel.proposals import sampling_layout
 from edlm_dist.parallel.runtime import init_parallel, shutdown_parallel
 from edlm_dist.sampling.block_denoiser import check_block_sampling, make_denoiser, model_block_size
@@ -222,7 +223,8 @@ def _sample_and_write(cfg, settings, inputs: RunInputs, out, ctx, proposal_paral
         for ids in my_batches:
             x_init = start_states(ids, inputs.prompts, s.num_samples, inputs.length, mask_id).to(device)
             tick = time.perf_counter()
-            result = generator.generate(ids, x_init, stride=inputs.stride)
+            with inference_precision(device, s.model_precision):
+                result = generator.generate(ids, x_init, stride=inputs.stride)
             seconds = (time.perf_counter() - tick) / len(ids)
             tokens = result.tokens.cpu()
             ess = result.row_mean_ess if result.row_ess_sum is not None else torch.full((len(ids),), math.nan)

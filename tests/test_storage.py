@@ -16,12 +16,13 @@ import multiprocessing
 import os
 import resource
 import signal
+import time
 from pathlib import Path
 
 import pytest
 
 from edlm_dist.errors import DataError, OutputError
-from edlm_dist.storage import files
+from edlm_dist.storage import files, outputs
 from edlm_dist.storage.files import append_line, read_json, read_jsonl, swap_in, swap_in_entries, write_atomic
 from edlm_dist.storage.outputs import LOCK_FILE, OutputLock, check_output_folder, claim_output
 
@@ -233,3 +234,51 @@ def test_a_refused_command_leaves_no_output_folder_behind(tmp_path):
             with claim_output(out, "edlm eval"):
                 raise DataError("refused input")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (an exited orphan may linger as a zombie until init reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _hold_lock_with_an_orphan(folder: str, ready, orphan_pid) -> None:
+    OutputLock(folder, "edlm train with-workers.yaml").acquire()
+    orphan = os.fork()  # like a data-loader worker: inherits the flock and outlives a SIGKILL of its parent
+    if orphan == 0:
+        time.sleep(2.0)
+        os._exit(0)
+    orphan_pid.value = orphan
+    ready.set()
+    signal.pause()
+
+
+def test_a_killed_holders_orphans_are_waited_for_then_the_stale_lock_is_taken_over(tmp_path, caplog):
+    ctx = multiprocessing.get_context("fork")
+    ready, orphan_pid = ctx.Event(), ctx.Value("i", 0)
+    holder = ctx.Process(target=_hold_lock_with_an_orphan, args=(str(tmp_path), ready, orphan_pid))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    assert _running(orphan_pid.value)  # the orphan still holds the flock of the dead holder
+    with caplog.at_level("WARNING", logger="edlm"):
+        with claim_output(tmp_path, "edlm train mine.yaml"):  # waits for the orphan instead of refusing
+            assert not _running(orphan_pid.value)  # taken only once the orphan had let go
+    assert "stale lock" in caplog.text and str(holder.pid) in caplog.text
+
+
+def test_orphans_that_outlive_the_wait_are_named_in_one_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(outputs, "ORPHAN_WAIT_S", 0.5)
+    ctx = multiprocessing.get_context("fork")
+    ready, orphan_pid = ctx.Event(), ctx.Value("i", 0)
+    holder = ctx.Process(target=_hold_lock_with_an_orphan, args=(str(tmp_path), ready, orphan_pid))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join()
+    with pytest.raises(OutputError, match="locked by processes left over from .*edlm train with-workers.yaml"):
+        with claim_output(tmp_path, "edlm train mine.yaml"):
+            pass

@@ -12,6 +12,10 @@
   detected (the file is there, nobody holds it), reported in a warning naming the dead run, and taken over.
   Where the file system has no ``flock``, a lock whose holder is a dead process of this host is stale; one
   held from another host is refused with the path to delete once that run is known to be gone.
+* **Orphans.** Processes the holder forked (data-loader workers) inherit its ``flock`` and outlive a
+  SIGKILL by a few seconds (a worker notices its parent's death within 5 s). A lock still held while its
+  recorded holder is dead is waited for, up to ``ORPHAN_WAIT_S``, so that an immediate restart (a Slurm
+  requeue) takes it over instead of being refused; past that, the error says who is left holding it.
 
 Only the launch's global rank 0 locks (all ranks of one job write the same folder together).
 """
@@ -28,6 +32,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -35,6 +40,7 @@ from edlm_dist.errors import OutputError
 from edlm_dist.storage.files import output_error
 
 LOCK_FILE = ".edlm-lock"
+ORPHAN_WAIT_S = 30.0  # > torch's data-loader watchdog interval (5 s) with room for a loaded machine
 log = logging.getLogger("edlm")
 
 
@@ -83,6 +89,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _dead_here(holder: dict) -> bool:
+    """The recorded holder is a process of this host that has ended (or whose pid now names another process)."""
+    if not holder or holder.get("host") != socket.gethostname():
+        return False
+    pid = int(holder.get("pid") or 0)
+    return pid > 0 and pid != os.getpid() and (not _alive(pid) or _process_start(pid) != holder.get("process_start"))
+
+
 def describe_holder(holder: dict) -> str:
     return (f"`{holder.get('command', '?')}` (host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, "
             f"started {holder.get('started', '?')})")
@@ -109,6 +123,7 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         self._refuse_if_a_parent_is_locked()
+        orphans_deadline: Optional[float] = None
         while True:
             try:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -119,6 +134,14 @@ class OutputLock:
             except BlockingIOError:
                 holder = _read_holder(fd)
                 os.close(fd)
+                if _dead_here(holder):  # its forked children still hold the flock: they exit within seconds
+                    orphans_deadline = orphans_deadline or time.monotonic() + ORPHAN_WAIT_S
+                    if time.monotonic() < orphans_deadline:
+                        time.sleep(0.2)
+                        continue
+                    raise OutputError(f"{self.folder} is locked by processes left over from {describe_holder(holder)}, "
+                                      f"which has ended (its data-loader workers?); stop them (`fuser {self.path}` "
+                                      "names them) or choose another --out") from None
                 raise OutputError(f"{self.folder} is in use by {describe_holder(holder)}; wait for it to finish or "
                                   "choose another --out (two runs in one folder would mix their files)") from None
             except OSError as exc:
@@ -156,9 +179,7 @@ class OutputLock:
         holder = _read_holder(fd)
         if not holder or holder.get("pid") == os.getpid():
             return
-        here = holder.get("host") == socket.gethostname()
-        pid = int(holder.get("pid") or 0)
-        if here and (not _alive(pid) or _process_start(pid) != holder.get("process_start")):
+        if _dead_here(holder):
             return  # a dead process of this host (or its pid reused by another): stale
         os.close(fd)
         raise OutputError(f"{self.folder} is in use by {describe_holder(holder)} (this file system has no flock, so "

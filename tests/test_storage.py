@@ -255,30 +255,30 @@ def _hold_lock_with_an_orphan(folder: str, ready, orphan_pid) -> None:
     signal.pause()
 
 
-def test_a_killed_holders_orphans_are_waited_for_then_the_stale_lock_is_taken_over(tmp_path, caplog):
+def _killed_holder_with_an_orphan(folder: Path) -> tuple[int, int]:
+    """(holder pid, orphan pid): the lock's holder SIGKILLed while its forked child still runs."""
     ctx = multiprocessing.get_context("fork")
     ready, orphan_pid = ctx.Event(), ctx.Value("i", 0)
-    holder = ctx.Process(target=_hold_lock_with_an_orphan, args=(str(tmp_path), ready, orphan_pid))
+    holder = ctx.Process(target=_hold_lock_with_an_orphan, args=(str(folder), ready, orphan_pid))
     holder.start()
     assert ready.wait(30)
     os.kill(holder.pid, signal.SIGKILL)
     holder.join()
-    assert _running(orphan_pid.value)  # the orphan still holds the flock of the dead holder
+    return holder.pid, orphan_pid.value
+
+
+def test_a_killed_holders_orphans_are_waited_for_then_the_stale_lock_is_taken_over(tmp_path, caplog):
+    holder_pid, orphan_pid = _killed_holder_with_an_orphan(tmp_path)
+    assert _running(orphan_pid)  # the orphan still holds the flock of the dead holder
     with caplog.at_level("WARNING", logger="edlm"):
         with claim_output(tmp_path, "edlm train mine.yaml"):  # waits for the orphan instead of refusing
-            assert not _running(orphan_pid.value)  # taken only once the orphan had let go
-    assert "stale lock" in caplog.text and str(holder.pid) in caplog.text
+            assert not _running(orphan_pid)  # taken only once the orphan had let go
+    assert "stale lock" in caplog.text and str(holder_pid) in caplog.text
 
 
 def test_orphans_that_outlive_the_wait_are_named_in_one_error(tmp_path, monkeypatch):
     monkeypatch.setattr(outputs, "ORPHAN_WAIT_S", 0.5)
-    ctx = multiprocessing.get_context("fork")
-    ready, orphan_pid = ctx.Event(), ctx.Value("i", 0)
-    holder = ctx.Process(target=_hold_lock_with_an_orphan, args=(str(tmp_path), ready, orphan_pid))
-    holder.start()
-    assert ready.wait(30)
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join()
+    _killed_holder_with_an_orphan(tmp_path)
     with pytest.raises(OutputError, match="locked by processes left over from .*edlm train with-workers.yaml"):
         with claim_output(tmp_path, "edlm train mine.yaml"):
             pass

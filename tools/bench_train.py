@@ -2,7 +2,7 @@
 DeepSpeed ZeRO-1/2/3 step time relative to plain PyTorch DDP on 2 ranks.
 
     OMP_NUM_THREADS=1 python -m tools.bench_train                 # CPU defaults
-    python -m tools.bench_train --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8   # on a GPU
+    python -m tools.bench_train --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8 --vocab 50258   # GPU
 
 On CUDA the achieved FLOP/s is also reported as MFU against the GPU's datasheet bf16 peak
 (``--peak-tflops``; default: the card's entry in edlm_dist/training/peak_flops.py, named in the
@@ -29,7 +29,7 @@ from edlm_dist.training.peak_flops import peak_for_device_name
 from tests.spawn import run_on_ranks
 
 
-VOCAB = 35
+VOCAB = 35  # the CPU default; a GPU run passes --vocab 50258 (GPT-2) so the output layer costs what it will
 
 
 def measured_matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int) -> float:
@@ -58,12 +58,12 @@ def _config(args, extra=()):
                               f"train.global_batch={args.batch * args.world}", "train.precision=fp32", *extra])
 
 
-def _step_fn(model, batch, schedule, generator, autocast):
+def _step_fn(model, batch, schedule, generator, autocast, mask_id: int):
     t = sample_times(batch.shape[0], generator=generator, device=batch.device)
-    x_t = mask_tokens(batch, schedule.move_chance(t), VOCAB - 1, generator=generator)
+    x_t = mask_tokens(batch, schedule.move_chance(t), mask_id, generator=generator)
     with autocast:
         logits = model(x_t, schedule.total_noise(t))
-    loss, _ = mdlm_loss(logits.float(), batch, x_t, t, VOCAB - 1, schedule=schedule)
+    loss, _ = mdlm_loss(logits.float(), batch, x_t, t, mask_id, schedule=schedule)
     return loss
 
 
@@ -71,18 +71,18 @@ def single_process(args) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = _config(args)
     torch.manual_seed(0)
-    model = build_model("dit", cfg.model, VOCAB, args.seq_len, device=device)
+    model = build_model("dit", cfg.model, args.vocab, args.seq_len, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = LogLinearSchedule()
     generator = torch.Generator(device=device).manual_seed(0)
-    batch = torch.randint(0, VOCAB - 1, (args.batch, args.seq_len), device=device)
+    batch = torch.randint(0, args.vocab - 1, (args.batch, args.seq_len), device=device)
     bf16 = device.type == "cuda"
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else torch.autocast(device.type, enabled=False)
     times = []
     for i in range(args.warmup + args.steps):
         _sync(device)
         start = time.perf_counter()
-        loss = _step_fn(model, batch, schedule, generator, autocast)
+        loss = _step_fn(model, batch, schedule, generator, autocast, args.vocab - 1)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -91,7 +91,7 @@ def single_process(args) -> dict:
             times.append(time.perf_counter() - start)
     step = statistics.median(times)
     tokens = args.batch * args.seq_len
-    flops = flops_per_token(cfg.model, VOCAB, args.seq_len, "dit") * tokens / step
+    flops = flops_per_token(cfg.model, args.vocab, args.seq_len, "dit") * tokens / step
     dtype = torch.bfloat16 if bf16 else torch.float32
     peak = measured_matmul_peak(device, dtype, args.matmul_size, 10)
     out = {"device": str(device), "threads": torch.get_num_threads(), "step_s": step, "tokens_per_s": tokens / step,
@@ -113,7 +113,7 @@ def _ranked_step_time(args, mode: str) -> list[float]:
     cfg = _config(args, [f"train.zero_stage={stage}", "train.grad_clip=0"])
     ctx = init_parallel(cfg)
     torch.manual_seed(0)
-    model = build_model("dit", cfg.model, VOCAB, args.seq_len, device=ctx.device)
+    model = build_model("dit", cfg.model, args.vocab, args.seq_len, device=ctx.device)
     if mode == "ddp":
         device_ids = [ctx.device] if ctx.device.type == "cuda" else None
         engine = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -122,12 +122,13 @@ def _ranked_step_time(args, mode: str) -> list[float]:
         engine, optimizer, _ = build_engine(model, cfg, ctx.dp_size, device=ctx.device)
     schedule = LogLinearSchedule()
     generator = device_generator(ctx.device, ctx.rank)  # draws noise on the rank's device
-    batch = torch.randint(0, VOCAB - 1, (args.batch, args.seq_len)).to(ctx.device)
+    batch = torch.randint(0, args.vocab - 1, (args.batch, args.seq_len)).to(ctx.device)
     times = []
     for i in range(args.warmup + args.steps):
         dist.barrier()
         start = time.perf_counter()
-        loss = _step_fn(engine, batch, schedule, generator, torch.autocast(ctx.device.type, enabled=False))
+        loss = _step_fn(engine, batch, schedule, generator, torch.autocast(ctx.device.type, enabled=False),
+                        args.vocab - 1)
         if mode == "ddp":
             loss.backward()
             optimizer.step()
@@ -164,13 +165,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=VOCAB)
     parser.add_argument("--matmul-size", type=int, default=1024)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--skip-zero", action="store_true")
     args = parser.parse_args()
     one = single_process(args)
     print(f"model: DiT hidden={args.hidden} blocks={args.blocks} heads={args.heads} seq_len={args.seq_len} "
-          f"batch={args.batch} vocab={VOCAB}")
+          f"batch={args.batch} vocab={args.vocab}")
     for key, value in one.items():
         print(f"  {key:>26}: {value:.4g}" if isinstance(value, float) else f"  {key:>26}: {value}")
     if not args.skip_zero and not torch.cuda.is_available():

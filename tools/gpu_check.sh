@@ -23,6 +23,15 @@ PY
 failed=0
 run() { timeout "${2:-600}" python tools/gpu_check.py "$1" "$WORK" 2>"$WORK/$1.err" || { echo "FAIL probe $1 (exit $?): $(grep -v Warning "$WORK/$1.err" | tail -n 3 | tr '\n' ' ')"; failed=1; }; }
 run data; run controls; run fork; run train; run apex; run inference
+# Figures at GPT-2-small size (issue 18 item 4): training-step MFU of the DiT in bf16 (V = 50,258), and the
+# sampler's seconds per sample at batch 1, L = 1024 (untrained weights: timing only); proposal scaling with >= 2 GPUs.
+bench() { local name=$1 limit=$2; shift 2
+  if timeout "$limit" python -m "$@" >"$WORK/$name.out" 2>"$WORK/$name.err"; then echo "INFO $name:"; sed 's/^/    /' "$WORK/$name.out"
+  else echo "FAIL $name (exit $?): $(grep -v Warning "$WORK/$name.err" | tail -n 3 | tr '\n' ' ')"; failed=1; fi; }
+bench bench_train 300 tools.bench_train --hidden 768 --blocks 12 --heads 12 --seq-len 1024 --batch 8 --vocab 50258 \
+  --steps 10 --warmup 3 --skip-zero
+SCALING=$([ "$GPUS" -ge 2 ] && echo "--ranks 2" || echo "--skip-scaling")
+bench bench_sampler 300 tools.bench_sampler --random 768:12:1024:50258 --steps 64 --edlm 4:0.2 --samples 3 $SCALING
 FIRST=$(python -c 'import os; print(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0])')
 CUDA_VISIBLE_DEVICES="$FIRST" run local_rank
 # The suite's gpu tests, and the CPU tests that become CUDA/NCCL runs here (single rank everywhere on 1 GPU).

@@ -93,7 +93,8 @@ def _seconds_per_sample(denoiser, energy, meta, settings, samples: int, batch: i
         times.append((time.perf_counter() - tick) / batch)
         cpu.append((time.process_time() - cpu_tick) / batch)
         nfe.append(out.nfe)
-    return {"seconds": statistics.median(times), "cpu_seconds": statistics.median(cpu), "nfe": statistics.mean(nfe)}
+    return {"seconds": statistics.median(times), "ms_interval": _spread([t * 1e3 for t in times], 1),
+            "cpu_seconds": statistics.median(cpu), "nfe": statistics.mean(nfe)}
 
 
 def _init_rank():
@@ -209,7 +210,7 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         denoiser, energy, meta = _load(source, device)
         print(f"## Seconds per sample (batch 1, L={meta['seq_len']}, V={meta['vocab_size']}, {device.type}, "
-              f"{source[0]} models, EDLM energy coAR)\n")
+              f"{source[0]} models, EDLM energy coAR; median of {args.samples} samples [95 % bootstrap interval])\n")
         names = ["MDLM"] + [f"EDLM k={pair.split(':')[0]} w={pair.split(':')[1]}" for pair in args.edlm]
         print("| T | " + " | ".join(names) + " |")
         print("|---|" + "---|" * len(names))
@@ -222,7 +223,7 @@ def main() -> None:
                     k, w = pair.split(":")
                     settings = SamplerSettings(sampler="edlm", steps=steps, k=int(k), window=float(w))
                 r = _seconds_per_sample(denoiser, energy, meta, settings, args.samples, 1, device)
-                cells.append(f"{r['seconds'] * 1e3:.1f} ms (NFE {r['nfe']:.1f})")
+                cells.append(f"{r['ms_interval']} ms (NFE {r['nfe']:.1f})")
             print(f"| {steps} | " + " | ".join(cells) + " |")
         if args.skip_scaling:
             return

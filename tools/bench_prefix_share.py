@@ -1,6 +1,6 @@
 """Sharing a block's prefix-cache increment across the ranks of a proposal group: compute or broadcast?
 
-    OMP_NUM_THREADS=1 flock /work/cpu.lock python -m tools.bench_prefix_share
+    OMP_NUM_THREADS=1 python -m tools.bench_prefix_share
 
 After block j is committed, every rank of a proposal group needs the same keys/values of its b new tokens
 (and log p_AR of the next token) in its AR prefix cache. Either every rank computes them (one AR forward of

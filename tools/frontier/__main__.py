@@ -1,6 +1,6 @@
 """Quality/cost frontier of every sampler on the trained demo models, and EDLM's speed-ups at equal Gen PPL.
 
-    OMP_NUM_THREADS=1 flock /work/cpu.lock python -m tools.frontier --runs runs/demo --batch-size 32 \
+    OMP_NUM_THREADS=1 python -m tools.frontier --runs runs/demo --batch-size 32 \
         --json runs/frontier/L32_b32.json
     python -m tools.frontier --from-json runs/frontier/L32_b32.json --plot docs/frontier_L32_b32.png \
         --summary docs/frontier_summary.json

@@ -10,7 +10,7 @@ rows longer than the context on the trained demo models (spec §5.6).
 (the language at length N) and seconds per sample, with 95 % bootstrap intervals (evaluation/intervals.py).
 
 For each row length L and batch size: seconds per sample of ``sample_ar_batch`` with and without the
-KV cache (median [min-max] over repeats), the speed-up, the tokens pushed through the model per row
+KV cache (median [95 % bootstrap interval] over repeats), the speed-up, the tokens pushed through the model per row
 (cached: L; uncached: the whole prefix at every step, L(L-1)/2) and the worst relative difference of
 the cached logits from one full forward (float32). Both modes make L-1 sequential model calls per row.
 The samples are the same in both modes (tested in tests/sampling/test_ar_sampler.py). Prints Markdown
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import statistics
 import time
 
 import torch
 
+from edlm_dist.evaluation.intervals import bootstrap_rows, bootstrap_samples, median
 from edlm_dist.sampling.long_text import window_plan
 
 
@@ -66,7 +66,8 @@ def _seconds_per_sample(model, length: int, batch: int, vocab: int, kv_cache: bo
 
 
 def _interval(values: list[float]) -> str:
-    return f"{statistics.median(values) * 1e3:.1f} [{min(values) * 1e3:.1f}-{max(values) * 1e3:.1f}]"
+    """Median ms and its 95 % percentile-bootstrap interval over the repeats (evaluation/intervals.py)."""
+    return bootstrap_rows([v * 1e3 for v in values], median).format("{:.1f}")
 
 
 def long_rows(demo: str, lengths: list[int], samples: int, steps: int, k: int, stride: int, batch: int) -> None:
@@ -127,7 +128,7 @@ def main(argv=None) -> None:
         long_rows(args.demo, args.long, args.samples, args.steps, args.k, args.stride, args.batch)
         return
     print(f"AR model H={args.hidden}, {args.blocks} blocks, {args.heads} heads, V={args.vocab}; "
-          f"threads={torch.get_num_threads()}; ms per sample, median [min-max] of {args.repeats}\n")
+          f"threads={torch.get_num_threads()}; ms per sample, median [95 % bootstrap interval] of {args.repeats}\n")
     print("| L | batch | cached ms/sample | uncached ms/sample | speed-up | model tokens/row cached : uncached | "
           "max rel. logit diff |")
     print("|---|---|---|---|---|---|---|")
@@ -137,8 +138,8 @@ def main(argv=None) -> None:
         for batch in args.batches:
             cached = _seconds_per_sample(model, length, batch, args.vocab, True, args.repeats)
             full = _seconds_per_sample(model, length, batch, args.vocab, False, args.repeats)
-            speedup = statistics.median(full) / statistics.median(cached)
-            print(f"| {length} | {batch} | {_interval(cached)} | {_interval(full)} | {speedup:.2f}x | "
+            speedup = bootstrap_samples([full, cached], lambda a, b: median(a) / median(b)).format("{:.2f}")
+            print(f"| {length} | {batch} | {_interval(cached)} | {_interval(full)} | {speedup}x | "
                   f"{length} : {length * (length - 1) // 2} | {error:.1e} |")
 
 

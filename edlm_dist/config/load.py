@@ -117,6 +117,9 @@ def validate_config(cfg: RunConfig) -> None:
            "model.block_size < seq_len needs model.time_conditioning=false (every block has its own noise level)")
     _check(s.block_size <= d.seq_len, f"sample.block_size={s.block_size} exceeds the row length data.seq_len="
            f"{d.seq_len}; use 0 (one block) or a size <= {d.seq_len}")
+    _check(not s.block_lookahead or (s.sampler == "edlm" and s.block_size > 0),
+           "sample.block_lookahead=true needs sample.sampler=edlm and sample.block_size > 0 (block-wise EDLM with a "
+           "block-causal denoiser); set it to false otherwise")
     _check(s.length != 1, "sample.length must be 0 (the model's L) or >= 2 (got 1): a row holds at least BOS and EOS")
     _check(s.sampler == "ar" or (s.top_k == 0 and s.top_p == 1.0),
            "sample.top_k / sample.top_p apply to sample.sampler=ar only; reset them or use the AR sampler")

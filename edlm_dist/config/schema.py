@@ -149,6 +149,7 @@ class SampleConfig:
     temperature: float = number(1.0, 0.0, 1e6, lo_open=True)  # edlm: IS weights exp(-E / tau); ar: logits / tau
     block_size: int = number(0, 0, 2**20, why="0 means one block of the whole row")  # commit the row block by block (docs/sampling.md)
     block_proposal: str = choice("denoiser", "denoiser", "ar_first")  # block-wise EDLM-AR/coAR: ar_first = each block's first token from p_AR
+    block_lookahead: bool = flag(False)  # block-causal EDLM: next block's first denoiser call beside the scoring call (docs/block_diffusion.md)
     top_k: int = number(0, 0, 10**8, why="0 keeps every token")  # ar only, not the paper's protocol: keep the k likeliest next tokens
     top_p: float = number(1.0, 0.0, 1.0, lo_open=True, why="1 keeps every token")  # ar only, not the paper's protocol: nucleus mass
     kv_cache: bool = flag(True)  # ar: incremental decoding; false recomputes the prefix per token (spec §5.7)

@@ -38,6 +38,7 @@ from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.errors import ConfigError
 from edlm_dist.objectives.subs import subs_log_probs
 from edlm_dist.sampling.engine import ModelDenoiser
+from edlm_dist.sampling.lookahead import Lookahead
 
 
 def check_block_alignment(model_block: int, lo: int, hi: int) -> None:
@@ -57,6 +58,12 @@ class BlockCausalSession:
         self.cache = model.new_cache(length)
         self.pending: Optional[torch.Tensor] = None  # committed whole blocks not yet in the cache (all rows)
         self.calls = 0
+        self.lookahead = Lookahead()  # block j+1's first call run beside block j's scoring (sampling/lookahead.py)
+
+    def speculate(self, x: torch.Tensor, span: tuple[int, int], next_span: tuple[int, int], proposals: torch.Tensor,
+                  rows: torch.Tensor) -> None:
+        """Block ``next_span``'s first denoising call for each proposal of block ``span`` (sampling/lookahead.py)."""
+        self.lookahead.speculate(self, x, span, next_span, proposals, rows, self.vocab_size)
 
     def flush(self) -> None:
         """Write the pending committed blocks into the cache with a call of their own."""
@@ -82,7 +89,7 @@ class BlockCausalSession:
             if not self.fuse_commits:
                 self.flush()
         end = min(start + self.model.block_size, self.length)
-        return CachedBlockView(self, x[:, start:lo].clone(), todo.to(x.device), lo - start, end - hi)
+        return CachedBlockView(self, x[:, start:lo].clone(), todo.to(x.device), lo - start, end - hi, lo)
 
 
 class CachedBlockView:
@@ -92,9 +99,9 @@ class CachedBlockView:
     time_conditioning = False  # a block-causal model never has it (models/dit.py)
 
     def __init__(self, session: BlockCausalSession, committed: torch.Tensor, todo: torch.Tensor, offset: int,
-                 tail: int):
+                 tail: int, lo: int):
         self.session, self.committed, self.todo = session, committed, todo
-        self.offset, self.tail = offset, tail  # the sampler block's place inside its model block
+        self.offset, self.tail, self.lo = offset, tail, lo  # the sampler block's place inside its model block
 
     @torch.no_grad()
     def __call__(self, x_block: torch.Tensor, t: torch.Tensor, *, rows: torch.Tensor) -> torch.Tensor:
@@ -102,6 +109,11 @@ class CachedBlockView:
         batch_rows = self.todo[rows.to(self.todo.device)]
         masks = torch.full((len(batch_rows), self.tail), s.mask_id, dtype=x_block.dtype, device=x_block.device)
         chunk = torch.cat([self.committed[batch_rows], x_block, masks], dim=1)
+        if s.lookahead.pending is not None:  # computed in the previous block's scoring round?
+            fed = chunk if s.pending is None else torch.cat([s.pending[batch_rows.to(s.pending.device)], chunk], dim=1)
+            logits = s.lookahead.serve(s, self.lo, batch_rows, fed)
+            if logits is not None:
+                return subs_log_probs(logits, x_block, s.mask_id)
         offset = self.offset
         if s.pending is not None and torch.equal(batch_rows.cpu(), torch.arange(s.batch)):  # fused commit
             kept = s.pending.shape[1]

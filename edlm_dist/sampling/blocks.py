@@ -34,6 +34,7 @@ import torch
 from edlm_dist.errors import SamplingError
 from edlm_dist.objectives.schedule import LogLinearSchedule
 from edlm_dist.sampling.engine import Proposals, SampleBatch, SamplerSettings, sample_batch
+from edlm_dist.sampling.mdlm import sampling_timesteps
 
 
 def block_spans(length: int, block_size: int) -> list[tuple[int, int]]:
@@ -107,6 +108,26 @@ def prefix_session(model: Callable, view: type, batch: int, length: int, mask_id
     return _WholeRowSession(model, view, length, mask_id)
 
 
+class ScoreWithLookahead:
+    """A block's energy view that, at the block's last grid step, also runs the next block's first denoiser call
+    for each scored proposal (``block_lookahead``; sampling/lookahead.py). The two calls need nothing from each
+    other: one round of latency. The energies are the view's own."""
+
+    needs_rows = True
+
+    def __init__(self, energy: Callable, denoiser_session, x: torch.Tensor, span: tuple[int, int],
+                 next_span: tuple[int, int], todo: torch.Tensor, last_t: float):
+        self.energy, self.denoiser_session, self.x = energy, denoiser_session, x
+        self.span, self.next_span, self.todo, self.last_t = span, next_span, todo, last_t
+        self.model_free = bool(getattr(energy, "model_free", False))
+
+    def __call__(self, x0, x_t, log_mu_tokens, t, *, rows):
+        energies = self.energy(x0, x_t, log_mu_tokens, t, rows=rows)
+        if abs(float(t[0]) - self.last_t) < 1e-6:  # proposals of the block's last step: the chosen one is committed
+            self.denoiser_session.speculate(self.x, self.span, self.next_span, x0, self.todo.to(x0.device)[rows])
+        return energies
+
+
 class FirstTokenFromEnergy:
     """A block's denoiser view whose proposal for the block's first position, while masked, is the energy's own
     conditional log p_AR(x^lo | prefix) (``block_proposal=ar_first``; docs/sampling.md). The importance weights
@@ -158,12 +179,18 @@ def sample_blocks(
     sessions = [prefix_session(denoiser, BlockDenoiser, len(ids), length, mask_id)]
     if energy_fn is not None:
         sessions.append(prefix_session(energy_fn, _FullRowEnergy, len(ids), length, mask_id, exchange=proposals))
+    lookahead = getattr(sessions[0], "lookahead", None) if settings.block_lookahead else None
+    if settings.block_lookahead:
+        _check_lookahead(lookahead, settings, proposals)
+    last_t = float(sampling_timesteps(settings.steps, settings.eps)[settings.steps - 1])
     for j, (lo, hi) in enumerate(spans):
         todo = (x[:, lo:hi] == mask_id).any(dim=-1).nonzero().flatten()
         if len(todo) == 0:  # every row already holds this block (a prompt): nothing to generate
             continue
         views = [session.block(x, lo, hi, todo) for session in sessions]
         view, energy = views[0], (views[1] if energy_fn is not None else None)
+        if lookahead is not None and j + 1 < len(spans):
+            energy = ScoreWithLookahead(energy, sessions[0], x, (lo, hi), spans[j + 1], todo, last_t)
         if settings.sampler == "edlm" and settings.block_proposal == "ar_first":
             first = getattr(sessions[-1], "first_token_log_probs", lambda lo, todo: None)(lo, todo)
             if first is not None:
@@ -176,10 +203,24 @@ def sample_blocks(
     total.prefix_calls = sum(session.calls for session in sessions)
     if energy_fn is not None and hasattr(sessions[1], "score_calls"):  # the scoring calls that ran a model
         total.energy_calls = sessions[1].score_calls
+    if lookahead is not None:  # served first calls made no call; lookahead calls share the scoring rounds
+        total.nfe -= lookahead.hits
+        total.lookahead_calls, total.lookahead_hits = lookahead.calls, lookahead.hits
+        if not total.energy_calls:  # a model-free energy: nothing runs beside the lookahead, its own round
+            total.nfe += lookahead.calls
     if proposals is not None:
         proposals.check_in_sync(x, "at the end of the block-wise batch")
     total.tokens = x
     return total
+
+
+def _check_lookahead(lookahead, settings: SamplerSettings, proposals: Optional[Proposals]) -> None:
+    if lookahead is None:
+        raise SamplingError("sample.block_lookahead needs a block-causal denoiser (a model trained with "
+                            "model.block_size < seq_len: its prefix KV cache); set block_lookahead=false for this model")
+    if proposals is not None and len(proposals.owned(settings.k)) != settings.k:
+        raise SamplingError("sample.block_lookahead needs all k proposals on one rank (the chosen proposal's "
+                            "lookahead must be local); set sample.proposal_parallel=1 or block_lookahead=false")
 
 
 def sample_rows(denoiser: Callable, settings: SamplerSettings, sample_ids: Sequence[int], *, length: int,

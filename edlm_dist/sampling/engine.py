@@ -136,6 +136,8 @@ class SampleBatch:
     energy_rows: int = 0  # rows sent to the energy function (identical candidates of a row count once)
     energy_calls: int = 0  # batched energy model calls (IS steps that ran a model): sequential calls, like nfe
     prefix_calls: int = 0  # block-wise: per-block prefix preparations (KV caches) of the models
+    lookahead_calls: int = 0  # block_lookahead: denoiser calls run beside scoring calls (not sequential)
+    lookahead_hits: int = 0  # block_lookahead: first calls of a block served by them (counted in no nfe)
     idle_skips: int = 0  # (row, step) pairs whose IS was skipped because the step revealed nothing
     ess_per_step: list = field(default_factory=list)  # mean ESS over the rows that ran IS, None elsewhere
     row_ess_sum: Optional[torch.Tensor] = None  # (B,) float64 sum of ESS over a row's IS steps

@@ -43,6 +43,7 @@ class SamplerSettings:
     kv_cache: bool = True
     block_size: int = 0  # block-wise sampling (sampling/blocks.py): b positions at a time; 0 = the whole row
     block_proposal: str = "denoiser"  # block-wise EDLM: "ar_first" proposes each block's first token from p_AR
+    block_lookahead: bool = False  # block-causal EDLM: next block's first call beside the scoring (sampling/lookahead.py)
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +61,9 @@ class SamplerSettings:
             (self.block_size >= 0, f"block_size must be >= 0 (got {self.block_size}); 0 = one block of the whole row"),
             (self.block_proposal in BLOCK_PROPOSALS,
              f"block_proposal '{self.block_proposal}' is unknown; use one of {list(BLOCK_PROPOSALS)}"),
+            (not self.block_lookahead or (self.sampler == "edlm" and self.block_size > 0),
+             "block_lookahead runs the next block's denoiser call beside EDLM's scoring call; it needs "
+             "sampler=edlm and block_size > 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -80,7 +84,7 @@ class SamplerSettings:
     def from_config(cls, sample_cfg) -> "SamplerSettings":
         names = ("sampler", "update", "steps", "k", "window", "temperature", "redraw_every_step", "noise_removal",
                  "precision", "seed", "skip_idle_is", "top_k", "top_p", "kv_cache", "block_size",
-                 "block_proposal")
+                 "block_proposal", "block_lookahead")
         return cls(**{name: getattr(sample_cfg, name) for name in names})
 
     @property

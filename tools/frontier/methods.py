@@ -39,6 +39,7 @@ class Method:
     update: str = "ddpm_cache"
     model_block: int = 0  # > 0: the block-causal denoiser trained with this model.block_size (families bc-*)
     block_proposal: str = "denoiser"  # "ar_first": each block's first token proposed from p_AR (families *-arfirst)
+    lookahead: bool = False  # block-causal EDLM: next block's first call beside the scoring call (families *-lookahead)
 
     @property
     def curve(self) -> str:
@@ -63,13 +64,15 @@ class Method:
             return SamplerSettings(sampler="ar", seed=seed)
         sampler = "mdlm" if self.energy is None else "edlm"
         return SamplerSettings(sampler=sampler, update=self.update, steps=self.steps, k=self.k, window=self.window,
-                               block_size=self.block_size, seed=seed, block_proposal=self.block_proposal)
+                               block_size=self.block_size, seed=seed, block_proposal=self.block_proposal,
+                               block_lookahead=self.lookahead)
 
     def as_dict(self) -> dict:
         window = list(self.window) if isinstance(self.window, tuple) else self.window
         return {"family": self.family, "curve": self.curve, "name": self.name, "steps": self.steps,
                 "energy": self.energy, "k": self.k, "window": window, "block_size": self.block_size,
-                "update": self.update, "model_block": self.model_block, "block_proposal": self.block_proposal}
+                "update": self.update, "model_block": self.model_block, "block_proposal": self.block_proposal,
+                "lookahead": self.lookahead}
 
 
 def _window_text(window) -> str:
@@ -208,4 +211,9 @@ def default_grid(length: int, energies=ENERGIES, model_blocks=()) -> list[Method
                 grid += [Method("bc-edlm-ar-block-arfirst", steps, "ar", k=k, window=1.0, block_size=b, model_block=m,
                                 block_proposal="ar_first")
                          for b, k in ((2, 8), (2, 32), (4, 32)) if b in sizes for steps in (1, 2)]
+                # One round per block (sampling/lookahead.py): T = 1, where the chosen proposal is committed whole.
+                grid += [Method(f"bc-edlm-ar-block{suffix}-lookahead", 1, "ar", k=k, window=1.0, block_size=b,
+                                model_block=m, block_proposal=proposal, lookahead=True)
+                         for suffix, proposal in (("", "denoiser"), ("-arfirst", "ar_first"))
+                         for b, k in ((2, 8), (2, 32), (4, 32)) if b in sizes]
     return grid

@@ -18,7 +18,10 @@ def edlm_families(rep: Replicates, energy: str) -> dict[str, tuple]:
     out = {name: (family,) for name, family in (("whole_row", f"edlm-{energy}"), ("block", f"edlm-{energy}-block"),
                                                   ("block_ar_first", f"edlm-{energy}-block-arfirst"),
                                                   ("block_causal", f"bc-edlm-{energy}-block"),
-                                                  ("block_causal_ar_first", f"bc-edlm-{energy}-block-arfirst"))
+                                                  ("block_causal_ar_first", f"bc-edlm-{energy}-block-arfirst"),
+                                                  ("block_causal_lookahead", f"bc-edlm-{energy}-block-lookahead"),
+                                                  ("block_causal_ar_first_lookahead",
+                                                   f"bc-edlm-{energy}-block-arfirst-lookahead"))
            if family in rep.curves}
     if out:
         out["best"] = tuple(f for families in out.values() for f in families)
@@ -129,7 +132,9 @@ def plot(rep: Replicates, path: Path, title: str, energies) -> None:
                 ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), "*", ms=12, color="crimson",
                         label="AR sampler")
             for family, ls in ((f"edlm-{energy}", "--"), (f"edlm-{energy}-block", "-"), (f"edlm-{energy}-block-arfirst", ":"),
-                               (f"bc-edlm-{energy}-block", "-."), (f"bc-edlm-{energy}-block-arfirst", ":")):
+                               (f"bc-edlm-{energy}-block", "-."), (f"bc-edlm-{energy}-block-arfirst", ":"),
+                               (f"bc-edlm-{energy}-block-lookahead", "-."),
+                               (f"bc-edlm-{energy}-block-arfirst-lookahead", ":")):
                 for curve, index in rep.curves.get(family, {}).items():
                     ax.plot(rep.cost[measure][0, index].tolist(), rep.ppl[0, index].tolist(), ls=ls, marker=".", ms=5,
                             lw=1.2, label=curve)

@@ -122,9 +122,21 @@ class ScoreWithLookahead:
         self.model_free = bool(getattr(energy, "model_free", False))
 
     def __call__(self, x0, x_t, log_mu_tokens, t, *, rows):
+        if abs(float(t[0]) - self.last_t) >= 1e-6:  # not the block's last step: its proposal is not committed whole
+            return self.energy(x0, x_t, log_mu_tokens, t, rows=rows)
+        batch_rows = self.todo.to(x0.device)[rows]
+        if not x0.is_cuda:  # one after the other: a CPU runs them on the same cores anyway
+            self.denoiser_session.speculate(self.x, self.span, self.next_span, x0, batch_rows)
+            return self.energy(x0, x_t, log_mu_tokens, t, rows=rows)
+        # On a GPU the lookahead's kernels go to a side stream, queued before the energy's (whose scorer syncs the
+        # host), so the two calls overlap; the main stream waits for it before anything reads its outputs. The side
+        # stream first waits for the main one, so memory the main stream freed is never reused under it.
+        main, side = torch.cuda.current_stream(x0.device), torch.cuda.Stream(device=x0.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            self.denoiser_session.speculate(self.x, self.span, self.next_span, x0, batch_rows)
         energies = self.energy(x0, x_t, log_mu_tokens, t, rows=rows)
-        if abs(float(t[0]) - self.last_t) < 1e-6:  # proposals of the block's last step: the chosen one is committed
-            self.denoiser_session.speculate(self.x, self.span, self.next_span, x0, self.todo.to(x0.device)[rows])
+        main.wait_stream(side)
         return energies
 
 
@@ -227,5 +239,8 @@ def sample_rows(denoiser: Callable, settings: SamplerSettings, sample_ids: Seque
                 **kwargs) -> SampleBatch:
     """Whole-row sampling (``block_size`` 0 or L) or block-wise sampling: what ``edlm sample`` runs."""
     if settings.block_size in (0, length):
+        if settings.block_lookahead:
+            raise SamplingError(f"sample.block_lookahead needs blocks smaller than the row (block_size={settings.block_size}, "
+                                f"L={length}): there is no next block to look ahead to; set block_lookahead=false")
         return sample_batch(denoiser, settings, sample_ids, length=length, **kwargs)
     return sample_blocks(denoiser, settings, sample_ids, length=length, **kwargs)

@@ -151,6 +151,8 @@ class SampleBatch:
         self.energy_rows += part.energy_rows
         self.energy_calls += part.energy_calls
         self.prefix_calls += part.prefix_calls
+        self.lookahead_calls += part.lookahead_calls
+        self.lookahead_hits += part.lookahead_hits
         self.idle_skips += part.idle_skips
         self.ess_per_step.extend(part.ess_per_step)
         self.step_hashes.extend(part.step_hashes)

@@ -69,6 +69,8 @@ class Lookahead:
         self.pending = None
         if session.pending is not None or cache.length != start:  # the cache must hold exactly [0, start)
             return
+        if next_lo // model.block_size != (next_hi - 1) // model.block_size:  # straddles: block() will refuse it
+            return
         rows = rows.to(x.device)
         masks = torch.full((len(rows), end - next_hi), session.mask_id, dtype=x.dtype, device=x.device)
         chunks = torch.cat([x[rows, start:lo], proposals, x[rows, hi:next_hi], masks], dim=1)
@@ -102,6 +104,8 @@ class Lookahead:
         everyone = torch.equal(batch_rows.cpu(), torch.arange(session.batch))
         commit_waits = session.pending is not None
         match = torch.zeros((len(batch_rows), len(spec.rows)), dtype=torch.bool, device=chunk.device)
+        # A waiting commit is adopted for every row at once: a first call that covers some rows only (a row
+        # already holds this block: a prompt or infill template) cannot take it, so it runs as usual.
         if (chunk.shape[1] == spec.chunks.shape[1] and session.cache.length == spec.start
                 and commit_waits == bool(spec.kept) and (everyone or not spec.kept)):
             match = (batch_rows.to(chunk.device)[:, None] == spec.rows[None, :]) & \

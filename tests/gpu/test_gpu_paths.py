@@ -156,3 +156,30 @@ def test_block_causal_denoiser_on_one_gpu():
         loss, _ = objective.loss(model, x0, torch.Generator(device="cpu").manual_seed(2))
     loss.backward()
     assert math.isfinite(loss.item()) and all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_block_lookahead_on_one_gpu():
+    """block_lookahead on CUDA (its lookahead on a side stream beside the AR energy's call): the same tokens as
+    without it (fp32 models, float64 races), every first call served with T = 1."""
+    _need_gpus(1)
+    from edlm_dist.models.build import build_model
+    from edlm_dist.sampling.block_denoiser import BlockCausalDenoiser
+    from edlm_dist.sampling.blocks import sample_blocks
+    from edlm_dist.sampling.model_energies import AREnergy
+    from edlm_dist.sampling.settings import SamplerSettings
+
+    cfg = load_config(None, TINY[:-1] + ["model.block_size=4", f"data.seq_len={L}"])
+    torch.manual_seed(0)
+    models = [build_model(kind, cfg.model, V, L, device="cuda").eval() for kind in ("dit", "ar")]
+    for model in models:
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.3)
+    energy = AREnergy(models[1], V - 1, carry_over=True)
+    outs = []
+    for lookahead in (False, True):
+        settings = SamplerSettings(sampler="edlm", steps=1, k=8, window=1.0, block_size=2, seed=3,
+                                   block_lookahead=lookahead)
+        outs.append(sample_blocks(BlockCausalDenoiser(models[0], V - 1, V), settings, range(B), length=L,
+                                  mask_id=V - 1, device="cuda", energy_fn=energy))
+    assert torch.equal(outs[0].tokens, outs[1].tokens)
+    assert outs[1].lookahead_hits == L // 2 - 1 and outs[1].nfe == outs[0].nfe - outs[1].lookahead_hits

@@ -55,6 +55,17 @@ def test_merge_runs_concatenates_seeds_setting_by_setting_and_refuses_mismatches
             merge_runs(bad)
 
 
+def test_merge_runs_joins_different_settings_on_the_same_seeds():
+    extra = {**_payload(1, names=("edlm-nce T=32",)), "energies": ["nce"]}
+    merged = merge_runs([_payload(1), extra])
+    assert [entry["method"]["name"] for entry in merged["results"]] == ["mdlm T=4", "edlm T=1", "edlm-nce T=32"]
+    assert merged["energies"] == ["ar", "nce"]
+    for bad in ([_payload(1), _payload(2, names=("edlm-nce T=32",))],  # other seeds: not paired
+                [_payload(1), {**_payload(1, names=("x",)), "batch_size": 1}]):
+        with pytest.raises(SystemExit, match="error:"):
+            merge_runs(bad)
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"non-standard JSON constant {name}")
 

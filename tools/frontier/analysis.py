@@ -123,16 +123,26 @@ def best_ppl(rep: Replicates, families: tuple) -> torch.Tensor:
 
 
 def merge_runs(payloads: list[dict]) -> dict:
-    """One run from several sweeps of the same grid on different seeds (e.g. one process per seed, so a shared
-    machine gives each its own share): the per-seed numbers are concatenated, setting by setting."""
+    """One run from several sweeps: of the same grid on different seeds (e.g. one process per seed, so a shared
+    machine gives each its own share; the per-seed numbers are concatenated, setting by setting), or of
+    different settings on the same seeds (e.g. the costly whole-row rows in a process of their own; the
+    settings are joined, and stay paired by seed and sample index)."""
     first = payloads[0]
     if len(payloads) == 1:
         return first
+    names = [[r["method"]["name"] for r in p["results"]] for p in payloads]
+    seed_lists = [[run["seed"] for run in p["results"][0]["seeds"]] for p in payloads]
+    disjoint = len({n for grid in names for n in grid}) == sum(len(grid) for grid in names)
+    if disjoint and all(seeds == seed_lists[0] for seeds in seed_lists):
+        if any((p["length"], p["batch_size"]) != (first["length"], first["batch_size"]) for p in payloads):
+            raise SystemExit("error: --from-json runs of different settings must share the length and batch size")
+        energies = list(dict.fromkeys(e for p in payloads for e in p["energies"]))
+        return {**first, "energies": energies, "results": [r for p in payloads for r in p["results"]]}
     for other in payloads[1:]:
         same = all(other[key] == first[key] for key in ("length", "batch_size", "energies"))
         if not same or [r["method"]["name"] for r in other["results"]] != [r["method"]["name"] for r in first["results"]]:
-            raise SystemExit("error: --from-json runs differ in length, batch size, energies or grid; merge only "
-                             "sweeps of the same command on different --seeds")
+            raise SystemExit("error: --from-json runs differ in length, batch size, energies or grid; merge "
+                             "sweeps of the same command on different --seeds, or of different settings on the same seeds")
     results = [{"method": entry["method"], "seeds": [run for p in payloads for run in p["results"][i]["seeds"]]}
                for i, entry in enumerate(first["results"])]
     seeds = [run["seed"] for run in results[0]["seeds"]]

@@ -34,6 +34,8 @@ def summarise(rep: Replicates, energies) -> dict:
     out = {"settings": len(rep.names)}
     for ref_name, reference in (("paper_mdlm", PAPER_MDLM), ("every_mdlm", EVERY_MDLM)):
         present = tuple(f for f in reference if f in rep.curves)
+        if not present:  # e.g. one of several sweeps merged later (--from-json): no MDLM rows in this one
+            continue
         target = best_ppl(rep, present)
         entry = {"families": list(present), "best_gen_ppl": interval(target), "speedups": {}}
         for energy in energies:
@@ -79,7 +81,9 @@ def headline_table(summary: dict, energies) -> list[str]:
     lines = []
     for ref_name, title in (("paper_mdlm", "the paper's MDLM (whole row, ancestral or cached)"),
                             ("every_mdlm", "every MDLM variant (incl. block-wise and block-causal)")):
-        entry = summary[ref_name]
+        entry = summary.get(ref_name)
+        if entry is None:
+            continue
         lines += ["", f"Reference: {title}; its best Gen PPL {_fmt(entry['best_gen_ppl'])}.", "",
                   "| energy | EDLM family | speed-up, wall clock | speed-up, CPU time | speed-up, sequential calls | "
                   "speed-up, model tokens | fastest EDLM curve (CPU) |", "|---|---|---|---|---|---|---|"]

@@ -45,9 +45,13 @@ class TaskInfo:
 
 def task_environment() -> TaskInfo:
     """Export RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE/MASTER_ADDR/MASTER_PORT for this task; log it."""
+    from edlm_dist.parallel.runtime import job_master_port
+
     # sbatch exports the submitting shell's environment: a MASTER_PORT set there would be shared by every job
-    # and array task on a node. Without it submitit derives the port from this job's id.
-    os.environ.pop("MASTER_PORT", None)
+    # and array task on a node. submitit's own choice (20000-60000 from the job id) can fall on a port the
+    # node already uses for outgoing connections; ours stays below the ephemeral range and moves on requeue.
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    os.environ["MASTER_PORT"] = str(job_master_port(os.environ.get("SLURM_JOB_ID", "0"), restarts))
     dist_env = submitit.helpers.TorchDistributedEnvironment()
     # One process per GPU, all GPUs of the node visible (srun --gpu-bind=none): LOCAL_RANK picks the device.
     dist_env.export(set_cuda_visible_devices=False, overwrite=True)
@@ -57,7 +61,7 @@ def task_environment() -> TaskInfo:
     info = TaskInfo(rank=dist_env.rank, world=dist_env.world_size, local_rank=dist_env.local_rank,
                     node=os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
                     job_id=os.environ.get("SLURM_JOB_ID", "?"),
-                    restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), cpus=cpus)
+                    restarts=restarts, cpus=cpus)
     print(TASK_LINE.format(rank=info.rank, world=info.world, node=info.node, local=info.local_rank, job=info.job_id,
                            restarts=info.restarts, cpus=info.cpus), flush=True)
     return info

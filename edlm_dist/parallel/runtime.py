@@ -14,6 +14,7 @@ import os
 import random
 import re
 import socket
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
@@ -55,6 +56,21 @@ class ParallelContext:
         return parallel_state.get_data_parallel_group()
 
 
+# Rendezvous ports of SLURM jobs. Linux hands out ephemeral ports (every outgoing connection, gloo's pair
+# sockets, srun's own listeners) from 32768 up by default (/proc/sys/net/ipv4/ip_local_port_range), so a
+# port drawn there can already be taken on a busy node (seen: EADDRINUSE on submitit's port 48600).
+JOB_PORT_RANGE = (20000, 32768)
+
+
+def job_master_port(job_id: str, restarts: int = 0) -> int:
+    """MASTER_PORT of a SLURM job: the same on every task (from SLURM_JOB_ID and SLURM_RESTART_COUNT only),
+    below the ephemeral range, different for consecutive job ids and for each restart of one job (the
+    tasks of the previous run may still hold their port while the requeued job starts)."""
+    number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
+    low, high = JOB_PORT_RANGE
+    return low + (number + 4099 * int(restarts)) % (high - low)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -87,7 +103,8 @@ def discover_environment() -> dict[str, int | str]:
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         rank, world, local = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
         env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env.setdefault("MASTER_PORT", str(job_master_port(env.get("SLURM_JOB_ID", "0"),
+                                                          int(env.get("SLURM_RESTART_COUNT", "0") or 0))))
     else:
         rank, world, local = 0, 1, 0
         env.setdefault("MASTER_ADDR", "127.0.0.1")

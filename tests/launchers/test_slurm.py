@@ -96,7 +96,7 @@ def test_plain_srun_layout_and_master_from_node_lists(monkeypatch):
     """`srun python -m edlm_dist.cli train ...` without submitit: ranks from SLURM_*, MASTER_ADDR = the first
     host of SLURM_JOB_NODELIST (checked against `scontrol show hostnames` in test_slurm_training.py; the
     suffix form is what newer Slurm versions accept and 22.05's scontrol refuses)."""
-    from edlm_dist.parallel.runtime import discover_environment, first_slurm_host
+    from edlm_dist.parallel.runtime import discover_environment, first_slurm_host, job_master_port
 
     for nodelist, first in (("node[1-4]-ib", "node1-ib"), ("r[1-2]n[0-3]", "r1n0"), ("node[003-005,9]", "node003"),
                             ("gpu-[01-02],cpu1", "gpu-01"), ("a,b[1-2]", "a"), ("login1", "login1")):
@@ -112,4 +112,21 @@ def test_plain_srun_layout_and_master_from_node_lists(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_NODELIST", "r[1-2]n[0-1]-ib")
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     assert discover_environment() == {"rank": 5, "world_size": 8, "local_rank": 1}
-    assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], os.environ["RANK"]) == ("r1n0-ib", "24242", "5")
+    assert (os.environ["MASTER_ADDR"], os.environ["RANK"]) == ("r1n0-ib", "5")
+    assert os.environ["MASTER_PORT"] == str(job_master_port("4242"))
+
+
+def test_job_ports_avoid_the_ephemeral_range_and_move_on_requeue():
+    """A SLURM job's rendezvous port lies below the ports Linux gives outgoing connections (this machine's
+    own ip_local_port_range when it has one), differs between the jobs a node runs in a row and between the
+    restarts of one job, and is a function of the job id and restart count alone (every task agrees)."""
+    from edlm_dist.parallel.runtime import job_master_port
+
+    range_file = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    ephemeral_low = int(range_file.read_text().split()[0]) if range_file.is_file() else 32768
+    for first in (1, 90, 999_990, 2**31 - 5000):
+        ports = [job_master_port(str(job)) for job in range(first, first + 4000)]
+        assert len(set(ports)) == len(ports) and 1024 < min(ports) and max(ports) < ephemeral_low
+        requeued = [job_master_port(str(job), restarts=1) for job in range(first, first + 4000)]
+        assert all(a != b for a, b in zip(ports, requeued)) and max(requeued) < ephemeral_low
+    assert job_master_port("123_4") == job_master_port("123_4") and job_master_port("123_4") < ephemeral_low

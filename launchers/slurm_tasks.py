@@ -24,7 +24,7 @@ import submitit
 from edlm_dist.errors import EdlmError
 
 TASK_LINE = "edlm task: rank {rank} of {world} on node {node} (local rank {local}), SLURM job {job}, " \
-            "SLURM_RESTART_COUNT={restarts}, {cpus} CPUs"
+            "SLURM_RESTART_COUNT={restarts}, {cpus} CPUs, master {master}"
 TASK_LINE_PATTERN = re.compile(r"edlm task: rank (?P<rank>\d+) of \d+ on node (?P<node>\S+)")  # reads it back
 
 
@@ -41,6 +41,7 @@ class TaskInfo:
     job_id: str
     restarts: int  # SLURM_RESTART_COUNT: how often the scheduler has restarted this job
     cpus: int  # CPUs this task may run on (what srun's --cpus-per-task gave it)
+    master: str  # MASTER_ADDR:MASTER_PORT, where rank 0 listens for the rendezvous
 
 
 def task_environment() -> TaskInfo:
@@ -61,14 +62,15 @@ def task_environment() -> TaskInfo:
     info = TaskInfo(rank=dist_env.rank, world=dist_env.world_size, local_rank=dist_env.local_rank,
                     node=os.environ.get("SLURMD_NODENAME") or os.uname().nodename,
                     job_id=os.environ.get("SLURM_JOB_ID", "?"),
-                    restarts=restarts, cpus=cpus)
+                    restarts=restarts, cpus=cpus, master=f"{dist_env.master_addr}:{dist_env.master_port}")
     print(TASK_LINE.format(rank=info.rank, world=info.world, node=info.node, local=info.local_rank, job=info.job_id,
-                           restarts=info.restarts, cpus=info.cpus), flush=True)
+                           restarts=info.restarts, cpus=info.cpus, master=info.master), flush=True)
     return info
 
 
 def _result(info: TaskInfo, **extra: Any) -> dict:
-    return {"rank": info.rank, "node": info.node, "restarts": info.restarts, "cpus": info.cpus, **extra}
+    return {"rank": info.rank, "node": info.node, "restarts": info.restarts, "cpus": info.cpus, "master": info.master,
+            **extra}
 
 
 # ----------------------------------------------------------------------------- training

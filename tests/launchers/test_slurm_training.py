@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from slurm_helpers import (CONFIG, REPO, SAVE_EVERY, STEPS, last_step, losses, on_cluster, outcome_and_result, prepare,
                            require_cluster, restarts_logged, sacct_records, slurm, task_pid, train_overrides, wait_until)
 
-from edlm_dist.parallel.runtime import first_slurm_host
+from edlm_dist.parallel.runtime import first_slurm_host, job_master_port
 from edlm_dist.artifacts.checkpoint import latest_checkpoint, read_meta
 
 pytestmark = pytest.mark.slurm
@@ -115,6 +115,9 @@ def test_scontrol_requeue_resumes_exactly(data_dir, reference, tmp_path):
     results = job.results()
     stop = results[0]["start_step"]
     assert 3 <= stop < STEPS and all(r["restarts"] == 1 and r["start_step"] == stop for r in results)
+    # the restarted tasks met on the port of restart 1, not the first run's (whose tasks may still hold it)
+    assert {r["master"].split(":")[1] for r in results} == {str(job_master_port(job.job_id, restarts=1))}
+    assert job_master_port(job.job_id, restarts=1) != job_master_port(job.job_id, restarts=0)
     assert restarts_logged(out) == [(0, 0), (1, stop)]
     _assert_like_reference(out, reference)
     assert [r["State"] for r in sacct_records(job.job_id)] == ["REQUEUED", "COMPLETED"]

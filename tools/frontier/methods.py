@@ -204,8 +204,10 @@ def default_grid(length: int, energies=ENERGIES, model_blocks=()) -> list[Method
         grid += [Method("bc-mdlm", steps, block_size=b, model_block=m) for b in sizes for steps in (1, 2, 4, 8)
                  if steps <= 2 * b]
         for energy in energies:
+            # At L > 64, blocks of 4 with many proposals: half the rounds of b = 2 (the batch-1 wall clock).
+            wide = ((4, 48), (4, 64), (4, 96)) if long else ()
             grid += [Method(f"bc-edlm-{energy}-block", steps, energy, k=k, window=1.0, block_size=b, model_block=m)
-                     for b, k in ((1, 4), (2, 8), (2, 32), (4, 16)) if b in sizes for steps in (1, 2, 4)
+                     for b, k in ((1, 4), (2, 8), (2, 32), (4, 16)) + wide if b in sizes for steps in (1, 2, 4)
                      if steps <= b + 1 and (energy != "coar" or steps > 1) and energy != "nce"]
             if energy == "ar":
                 grid += [Method("bc-edlm-ar-block-arfirst", steps, "ar", k=k, window=1.0, block_size=b, model_block=m,

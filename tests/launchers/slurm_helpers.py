@@ -1,4 +1,5 @@
-"""Shared pieces of the `slurm` tests: the cluster check, tiny runs, and watching a job from outside.
+"""Shared pieces of the `slurm` tests: the cluster check, tiny runs, and watching a job from outside (and
+the tiny synthetic data set that the local launcher's tests use too).
 
 The tests submit through ``launchers/slurm.py`` to a real Slurm cluster: the two-node one of
 ``scripts/local_slurm.sh start`` (what ``.ci/run`` starts), or any cluster whose ``sinfo`` shows at

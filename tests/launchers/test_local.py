@@ -17,12 +17,13 @@ import torch
 from safetensors.torch import load_file
 
 from edlm_dist.config.load import load_config
-from edlm_dist.config.schema import ModelConfig, SyntheticConfig
+from edlm_dist.config.schema import ModelConfig
 from tests.spawn import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from launchers import local  # noqa: E402
+from slurm_helpers import prepare  # noqa: E402  (the launchers' tests share one tiny data set recipe)
 from tests.tolerances import assert_close_across, network_reduction_size  # noqa: E402
 
 pytestmark = pytest.mark.multirank
@@ -34,12 +35,7 @@ STEP_N = network_reduction_size(ModelConfig(hidden_size=32, n_blocks=2, n_heads=
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from edlm_dist.data.prepare import prepare_data
-
-    out = tmp_path_factory.mktemp("local_data")
-    prepare_data("synthetic", out, seq_len=32, tokenizer_spec="synthetic",
-                 synthetic_cfg=SyntheticConfig(train_rows=1000, valid_rows=64), seed=1, progress=False)
-    return out
+    return prepare(tmp_path_factory.mktemp("local_data"), rows=1000)
 
 
 def _overrides(data_dir, **extra) -> list[str]:

@@ -9,24 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from edlm_dist.config.schema import SyntheticConfig
 from edlm_dist.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from launchers import slurm  # noqa: E402
+from slurm_helpers import prepare  # noqa: E402
 
 CONFIG = str(REPO / "configs" / "demo.yaml")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from edlm_dist.data.prepare import prepare_data
-
-    out = tmp_path_factory.mktemp("slurm_data")
-    prepare_data("synthetic", out, seq_len=32, tokenizer_spec="synthetic",
-                 synthetic_cfg=SyntheticConfig(train_rows=1200, valid_rows=64), seed=1, progress=False)
-    return out
+    return prepare(tmp_path_factory.mktemp("slurm_data"))
 
 
 def _cluster_overrides(data_dir) -> list[str]:
